@@ -1,0 +1,63 @@
+"""Evaluation: accuracy / OOD metrics, OOD scores, adversarial attacks, explanations, plots."""
+
+from .attacks import ATTACKS, PAPER_FGSM_EPS, fgsm, pgd, robust_accuracy
+from .explain import grad_cam, input_saliency, normalize_maps
+from .metrics import (
+    accuracy_topk,
+    confusion_matrix,
+    ood_metrics,
+    ood_roc_curve,
+    per_class_accuracy,
+)
+from .ood import (
+    OOD_SET_NAMES,
+    SCORE_FUNCTIONS,
+    collect_outputs,
+    energy_score,
+    eval_mode,
+    evaluate_ood,
+    feature_norm_score,
+    make_ood_sets,
+    msp_score,
+)
+from .plots import (
+    plot_accuracy_vs_eps,
+    plot_confusion_matrix,
+    plot_explanations,
+    plot_roc_curves,
+    plot_score_histograms,
+    plot_training_curves,
+    write_table,
+)
+
+__all__ = [
+    "ATTACKS",
+    "OOD_SET_NAMES",
+    "PAPER_FGSM_EPS",
+    "SCORE_FUNCTIONS",
+    "accuracy_topk",
+    "collect_outputs",
+    "confusion_matrix",
+    "energy_score",
+    "eval_mode",
+    "evaluate_ood",
+    "feature_norm_score",
+    "fgsm",
+    "grad_cam",
+    "input_saliency",
+    "make_ood_sets",
+    "msp_score",
+    "normalize_maps",
+    "ood_metrics",
+    "ood_roc_curve",
+    "pgd",
+    "per_class_accuracy",
+    "plot_accuracy_vs_eps",
+    "plot_confusion_matrix",
+    "plot_explanations",
+    "plot_roc_curves",
+    "plot_score_histograms",
+    "plot_training_curves",
+    "robust_accuracy",
+    "write_table",
+]

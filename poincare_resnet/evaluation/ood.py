@@ -1,0 +1,216 @@
+"""Out-of-distribution scores, model output collection, OOD evaluation and synthetic OOD sets.
+
+All scores follow the convention *higher = more in-distribution (ID)*, matching
+:func:`poincare_resnet.evaluation.metrics.ood_metrics` (ID is the positive class).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import ood_metrics
+
+__all__ = [
+    "OOD_SET_NAMES",
+    "SCORE_FUNCTIONS",
+    "collect_outputs",
+    "energy_score",
+    "evaluate_ood",
+    "feature_norm_score",
+    "make_ood_sets",
+    "msp_score",
+]
+
+OOD_SET_NAMES: tuple[str, ...] = ("gaussian", "uniform", "inverted", "hflip", "vflip", "digits")
+
+
+def energy_score(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Negative free energy ``-E(x) = T · logsumexp(f(x) / T)`` (higher = more ID), ``[B]``."""
+    return T * torch.logsumexp(logits / T, dim=-1)
+
+
+def msp_score(logits: torch.Tensor) -> torch.Tensor:
+    """Maximum softmax probability ``max_k softmax(f(x))_k`` (higher = more ID), shape ``[B]``."""
+    return torch.softmax(logits, dim=-1).amax(dim=-1)
+
+
+def feature_norm_score(features: torch.Tensor) -> torch.Tensor:
+    """Hyperbolic distance of the pooled feature point to the origin, ``2‖v‖`` (shape ``[B]``).
+
+    ``features`` are tangent vectors ``v`` at the origin of the Poincaré ball of curvature ``-c``.
+    With ``expmap0(v) = tanh(√c‖v‖) v / (√c‖v‖)`` (conformal factor ``λ_0 = 2``) and
+    ``d(0, x) = (2/√c) artanh(√c‖x‖)`` one gets ``d(0, expmap0(v)) = 2‖v‖`` for every ``c``.
+    Sign convention: ``+distance`` — ID samples of hyperbolic nets sit farther from the origin
+    (more confident), so higher = more ID.  For a Euclidean model this is ``2‖f‖``, a monotone
+    rescaling of the feature norm (same AUROC/FPR/AUPR).
+    """
+    return 2.0 * torch.linalg.vector_norm(features.flatten(1), dim=-1)
+
+
+SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "energy": lambda logits, feats: energy_score(logits),
+    "msp": lambda logits, feats: msp_score(logits),
+    "feature_norm": lambda logits, feats: feature_norm_score(feats),
+}
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode and restore each one's own ``training`` flag on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def collect_outputs(
+    model: nn.Module,
+    x: torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` in eval mode without grad; return CPU ``(logits [N, K], features [N, D])``.
+
+    Features come from ``forward_features`` and logits from ``forward_head(features)``.
+    """
+    dev = _model_device(model, device)
+    logits_all, feats_all = [], []
+    with eval_mode(model), torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(dev)
+            feats = model.forward_features(xb)
+            logits = model.forward_head(feats)
+            feats_all.append(feats.detach().flatten(1).cpu())
+            logits_all.append(logits.detach().cpu())
+    if not logits_all:
+        raise ValueError("collect_outputs needs at least one input")
+    return torch.cat(logits_all), torch.cat(feats_all)
+
+
+def _compute_scores(
+    logits: torch.Tensor, feats: torch.Tensor, names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        if name not in SCORE_FUNCTIONS:
+            raise ValueError(f"unknown OOD score {name!r}; choose from {sorted(SCORE_FUNCTIONS)}")
+        out[name] = SCORE_FUNCTIONS[name](logits, feats).double().numpy()
+    return out
+
+
+def evaluate_ood(
+    model: nn.Module,
+    in_x: torch.Tensor,
+    ood_sets: Mapping[str, torch.Tensor],
+    scores: Sequence[str] = ("energy", "msp", "feature_norm"),
+    repeats: int = 1,
+    seed: int = 0,
+    subsample: int | None = None,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> list[dict[str, float | str | int]]:
+    """OOD detection metrics for every (OOD set, score) pair.
+
+    Returns rows ``{ood_set, score, fpr95, auroc, aupr, fpr95_std, auroc_std, aupr_std,
+    repeats, n_in, n_out}``.  With ``repeats == 1`` and ``subsample is None`` the full sets are used
+    (std 0).  Otherwise each repeat draws (without replacement, seeded by ``seed``) ``n`` ID and
+    ``n`` OOD samples, ``n = min(len(in_x), len(ood), subsample)``, shared by all scores; the
+    metrics are averaged over repeats and their (population) standard deviation reported.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    in_logits, in_feats = collect_outputs(model, in_x, batch_size, device)
+    in_scores = _compute_scores(in_logits, in_feats, scores)
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, float | str | int]] = []
+    for set_name, ood_x in ood_sets.items():
+        out_logits, out_feats = collect_outputs(model, ood_x, batch_size, device)
+        out_scores = _compute_scores(out_logits, out_feats, scores)
+        n_in, n_out = len(in_logits), len(out_logits)
+        full = repeats == 1 and subsample is None
+        n = min(n_in, n_out) if subsample is None else min(n_in, n_out, int(subsample))
+        draws = (
+            [(np.arange(n_in), np.arange(n_out))]
+            if full
+            else [
+                (rng.choice(n_in, n, replace=False), rng.choice(n_out, n, replace=False))
+                for _ in range(repeats)
+            ]
+        )
+        for score in scores:
+            vals = [ood_metrics(in_scores[score][i], out_scores[score][o]) for i, o in draws]
+            row: dict[str, float | str | int] = {"ood_set": set_name, "score": score}
+            for key in ("fpr95", "auroc", "aupr"):
+                row[key] = float(np.mean([v[key] for v in vals]))
+            for key in ("fpr95", "auroc", "aupr"):
+                row[f"{key}_std"] = float(np.std([v[key] for v in vals]))
+            row.update(repeats=len(draws), n_in=len(draws[0][0]), n_out=len(draws[0][1]))
+            rows.append(row)
+    return rows
+
+
+def _digits_like(in_x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """scikit-learn digits (8×8, values 0–16) scaled to [-1, 1], resized and tiled to ``in_x``."""
+    from sklearn.datasets import load_digits
+
+    images = torch.as_tensor(load_digits().images, dtype=torch.float32)  # [1797, 8, 8]
+    n, c, h, w = in_x.shape
+    idx = torch.randperm(images.shape[0], generator=gen)
+    if n > idx.numel():
+        idx = idx.repeat((n + idx.numel() - 1) // idx.numel())
+    d = images[idx[:n]].unsqueeze(1) / 16.0 * 2.0 - 1.0
+    d = F.interpolate(d, size=(h, w), mode="bilinear", align_corners=False).clamp(-1.0, 1.0)
+    return d.expand(n, c, h, w).contiguous().to(dtype=in_x.dtype, device=in_x.device)
+
+
+def make_ood_sets(
+    in_x: torch.Tensor, names: Sequence[str] = OOD_SET_NAMES, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Synthetic OOD sets with the shape ``[N, C, H, W]`` of the ID test images ``in_x``.
+
+    * ``gaussian``: ``N(0, 0.5²)`` noise clamped to ``[-1, 1]``;
+    * ``uniform``: ``U[-1, 1]`` noise;
+    * ``inverted``: ``-x`` (colour negative of the ID images);
+    * ``hflip`` / ``vflip``: ID images flipped left-right / upside-down (near-OOD; ``hflip`` is
+      close to ID for datasets trained with flip augmentation);
+    * ``digits``: scikit-learn's 8×8 digits scaled to ``[-1, 1]``, bilinearly resized to
+      ``H × W`` and repeated over the ``C`` channels.
+    """
+    if in_x.ndim != 4:
+        raise ValueError(f"expected images [N, C, H, W], got {tuple(in_x.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    shape, kw = in_x.shape, {"dtype": in_x.dtype}
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name == "gaussian":
+            t = (0.5 * torch.randn(shape, generator=gen, **kw)).clamp(-1.0, 1.0)
+        elif name == "uniform":
+            t = torch.rand(shape, generator=gen, **kw) * 2.0 - 1.0
+        elif name == "inverted":
+            t = -in_x.detach().clone()
+        elif name == "hflip":
+            t = torch.flip(in_x.detach(), dims=[-1])
+        elif name == "vflip":
+            t = torch.flip(in_x.detach(), dims=[-2])
+        elif name == "digits":
+            t = _digits_like(in_x.detach(), gen)
+        else:
+            raise ValueError(f"unknown OOD set {name!r}; choose from {OOD_SET_NAMES}")
+        out[name] = t.to(in_x.device)
+    return out

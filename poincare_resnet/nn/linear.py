@@ -1,0 +1,139 @@
+"""Poincaré fully connected layer (HNN++) and the MLR head.
+
+Contract: modules take and return **tangent vectors at the origin** (SPEC §5); the manifold axis
+is the last one, as for :class:`torch.nn.Linear`. A layer maps ``u ↦ logmap0(FC(expmap0(u)))``
+in closed form (:func:`poincare_resnet.ball.fc_tangent`), so no exp/log pair is computed only to
+be undone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ball
+from ..ball import MIN_NORM, max_tangent_radius
+from .curvature import Curvature, as_curvature
+from .init import INITS, init_poincare_weight
+
+
+def fc_tangent_legacy(
+    dots: Tensor, sq: Tensor, znorm: Tensor, bias: Tensor, c: float | Tensor, dim: int
+) -> Tensor:
+    """The official code's FC with its conformal-factor bug ``λ_x = 2·(1 − c‖x‖²)``.
+
+    Kept only to reproduce the paper's code in the ``init-norms`` experiment (plain autograd).
+    """
+    sc = c**0.5
+    n = sq.clamp_min(MIN_NORM**2).sqrt()
+    t = (sc * n).clamp_max(max_tangent_radius(dots.dtype))
+    th = torch.tanh(t)  # √c‖x‖ for x = expmap0(p)
+    lam = 2 * (1 - th * th)  # the bug: a product instead of 2/(1 − c‖x‖²)
+    shape = [1] * dots.dim()
+    shape[dim] = -1
+    two_sr = (2 * sc * bias).reshape(shape)
+    q = lam * th / n * dots * torch.cosh(two_sr) - (lam - 1) * torch.sinh(two_sr)
+    g = (2 * znorm.reshape(shape) * torch.asinh(q)).clamp(-40, 40)
+    psi = torch.sinh(g)
+    p = psi.norm(dim=dim, keepdim=True).clamp_min(MIN_NORM)
+    return torch.asinh(p).clamp_max(2 * max_tangent_radius(dots.dtype)) / (2 * sc * p) * psi
+
+
+class _PoincareFCBase(nn.Module):
+    """Shared parameters and initialisation of the Poincaré linear and convolution layers."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+    def _setup(self, weight_shape, bias: bool, c, init: str, legacy_lambda: bool) -> None:
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+        self.curvature = as_curvature(c)
+        self.init = init
+        self.legacy_lambda = bool(legacy_lambda)
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_poincare_weight(self.weight, self.init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _unit_weight(self) -> tuple[Tensor, Tensor]:
+        """Return (ẑ = z/‖z‖, ‖z‖) with the norm over everything but the output axis."""
+        flat = self.weight.flatten(1)
+        znorm = flat.norm(dim=1).clamp_min(MIN_NORM)
+        return self.weight / znorm.view(-1, *([1] * (self.weight.dim() - 1))), znorm
+
+    def _fc(self, dots: Tensor, sq: Tensor, znorm: Tensor, dim: int) -> Tensor:
+        c = self.curvature()
+        bias = self.bias if self.bias is not None else torch.zeros_like(znorm)
+        if self.legacy_lambda:
+            return fc_tangent_legacy(dots, sq, znorm, bias, c, dim)
+        return ball.fc_tangent(dots, sq, znorm, bias, c=c, dim=dim)
+
+
+class PoincareLinear(_PoincareFCBase):
+    """HNN++ Poincaré FC layer on tangent vectors at the origin (last axis).
+
+    ``weight`` is ``[out_features, in_features]`` (row k = the hyperplane normal z_k), ``bias`` is
+    ``[out_features]`` (the offsets r_k). For x = expmap0(u)::
+
+        v_k(x) = (2‖z_k‖/√c) asinh(√c λ_x ⟨x, ẑ_k⟩ cosh(2√c r_k) − (λ_x − 1) sinh(2√c r_k))
+        w_k = sinh(√c v_k)/√c,   FC(x) = w / (1 + √(1 + c‖w‖²)),   output = logmap0(FC(x))
+
+    At ``init="identity"`` (``weight = ½I``, ``bias = 0``) a square layer is exactly the identity.
+    ``legacy_lambda=True`` reproduces the official code's ``λ_x = 2(1 − c‖x‖²)`` bug.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        c: float | Curvature = 0.1,
+        init: str = "identity",
+        legacy_lambda: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._setup((out_features, in_features), bias, c, init, legacy_lambda)
+
+    def forward(self, u: Tensor) -> Tensor:
+        if u.shape[-1] != self.in_features:
+            raise ValueError(
+                f"PoincareLinear expected {self.in_features} input features on the last axis, "
+                f"got input of shape {tuple(u.shape)}"
+            )
+        zhat, znorm = self._unit_weight()
+        dots = u @ zhat.t()
+        sq = u.pow(2).sum(-1, keepdim=True)
+        return self._fc(dots, sq, znorm, dim=-1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, init={self.init!r}"
+        )
+
+
+class PoincareMLR(nn.Module):
+    """Multinomial logistic regression on the ball: logits = signed hyperplane distances ``v_k``.
+
+    Input: tangent vectors at the origin (last axis); ``weight [num_classes, in_features]``,
+    ``bias [num_classes]``. An alternative head to a :class:`PoincareLinear` whose output tangent
+    is a monotone function of the same scores.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, c: float | Curvature = 0.1) -> None:
+        super().__init__()
+        self.curvature = as_curvature(c)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        nn.init.normal_(self.weight, 0.0, (2.0 * in_features * num_classes) ** -0.5)
+
+    def forward(self, u: Tensor) -> Tensor:
+        c = self.curvature()
+        x = ball.expmap0(u, c=c, dim=-1)
+        return ball.hyperplane_distances(x, self.weight, self.bias, c=c, dim=-1)
