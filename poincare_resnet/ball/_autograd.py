@@ -282,13 +282,15 @@ class FullyConnectedTangent(torch.autograd.Function):
         dim = ctx.dim
         T = _fc_forward_terms(dots, sq, znorm, bias, c, dim)
         sc, psi, p2, kappa = T["sc"], T["psi"], T["p2"], T["kappa"]
-        # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'/‖ψ‖) ⟨G, ψ⟩ ψ
-        g_psi_dot = (grad * psi).sum(dim, keepdim=True)
-        k_series = -1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2
-        k_exact = (1 / torch.sqrt(1 + p2) - T["kappa_base"]) / p2.clamp_min(MIN_NORM**2)
-        kprime = torch.where(T["small_p"], k_series, k_exact) / (2 * sc)
-        kprime = torch.where(T["clipped_out"], -kappa / p2.clamp_min(MIN_NORM**2), kprime)
-        grad_psi = kappa * grad + (kprime * g_psi_dot) * psi
+        # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + κ'‖ψ‖ ⟨G, ψ̂⟩ ψ̂  (ψ̂ = ψ/‖ψ‖). Written with ψ̂ and
+        # kp2 = κ'‖ψ‖: the form (κ'/‖ψ‖)·⟨G, ψ⟩ψ underflows float32 (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17)
+        psi_hat = psi / T["p"]
+        g_psi_hat = (grad * psi_hat).sum(dim, keepdim=True)
+        k_series = p2 * (-1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2)
+        k_exact = 1 / torch.sqrt(1 + p2) - T["kappa_base"]
+        kp2 = torch.where(T["small_p"], k_series, k_exact) / (2 * sc)
+        kp2 = torch.where(T["clipped_out"], -kappa, kp2)
+        grad_psi = kappa * grad + (kp2 * g_psi_hat) * psi_hat
         # ψ = sinh(g), g = 2|z| asinh(q)   (no gradient where g was clamped)
         in_range = T["g_raw"].abs() <= FC_ARG_LIMIT
         grad_g = torch.where(in_range, grad_psi * torch.cosh(T["g"]), torch.zeros_like(grad_psi))

@@ -66,6 +66,8 @@ def check_curvature(c: Curvature, like: Tensor | None = None) -> Curvature:
             and not (math.isfinite(float(c.detach())) and float(c.detach()) > 0)
         ):
             raise ValueError(f"curvature c must be finite and > 0, got {float(c.detach())!r}")
+        if c.dim():  # a one-element tensor of shape (1,), (1, 1), …: must not broadcast x up
+            c = c.reshape(())
         if like is not None and c.dtype != like.dtype:
             c = c.to(like.dtype)
         return c
@@ -294,7 +296,8 @@ def gyromidpoint(
         w = weights.unsqueeze(dim) if weights.dim() == ndim - 1 else weights
     num = (w * gamma2 * x).sum(rdims, keepdim=True)
     den = (w * gamma2).sum(rdims, keepdim=True) - w.expand_as(gamma2).sum(rdims, keepdim=True) / 2
-    m = num / den.clamp_min(MIN_NORM)
+    # sign-preserving clamp: the formula is invariant under w → −w (negative total weight)
+    m = num / torch.where(den < 0, den.clamp_max(-MIN_NORM), den.clamp_min(MIN_NORM))
     mu = m / (1 + torch.sqrt((1 - c * _sq(m, dim)).clamp_min(MIN_NORM)))
     mu = project(mu, c=c, dim=dim)
     return mu if keepdim else mu.squeeze(rdims)

@@ -6,8 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import ball
-from ..ball import MIN_NORM, get_eps
+from ..ball import MIN_NORM, get_eps, max_tangent_radius
 from ..ball.frechet import frechet_mean
+from ._fusion import fused_batchnorm
 from .curvature import Curvature, as_curvature
 
 MEANS = ("midpoint", "frechet")
@@ -72,6 +73,8 @@ class PoincareBatchNorm2d(nn.Module):
             self.num_batches_tracked.zero_()
 
     # --- statistics (overridden by the synchronised version) --------------------------------
+    synchronized = False
+
     def _all_reduce(self, t: Tensor) -> Tensor:
         return t
 
@@ -94,16 +97,40 @@ class PoincareBatchNorm2d(nn.Module):
         return sums[0] / sums[1], sums[1]
 
     # --- forward ------------------------------------------------------------------------------
-    def forward(self, u: Tensor) -> Tensor:
+    def _check(self, u: Tensor) -> None:
         if u.dim() != 4 or u.shape[1] != self.num_features:
-            raise ValueError(
-                f"PoincareBatchNorm2d expected input [B, {self.num_features}, H, W], "
-                f"got shape {tuple(u.shape)}"
-            )
+            raise ValueError(f"PoincareBatchNorm2d expected input [B, {self.num_features}, H, W], "
+                             f"got shape {tuple(u.shape)}")
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats or self.eval_batch_stats
+
+    def forward(self, u: Tensor) -> Tensor:
+        self._check(u)
+        if self.mean == "frechet":
+            return self._forward_reference(u)
+        c = self.curvature()
+        use_batch = self._use_batch_stats()
+        mu = var = None
+        if not use_batch:
+            mu = ball.expmap0(self.running_mean.to(u.dtype), c=c)
+            var = self.running_var.to(u.dtype)
+        reduce = self._all_reduce if (use_batch and self.synchronized) else None
+        out, mu, var, count = fused_batchnorm(
+            u, mu, self.bias, self.weight, var, c, self.eps, get_eps(u.dtype),
+            max_tangent_radius(u.dtype), reduce)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mu.view(1, -1, 1, 1), var, count, c)
+        return out
+
+    def _forward_reference(self, u: Tensor) -> Tensor:
+        """The same map as a chain of :mod:`poincare_resnet.ball` operations (slow, for tests
+        and for the Fréchet mean)."""
+        self._check(u)
         c = self.curvature()
         sc = c**0.5
         x = ball.expmap0(u, c=c, dim=1)
-        use_batch = self.training or not self.track_running_stats or self.eval_batch_stats
+        use_batch = self._use_batch_stats()
         if use_batch:
             mu = self._batch_mean(x, c)
         else:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import ball
 from ..ball import MIN_NORM, max_tangent_radius
+from ._fusion import fused_fc_tangent
 from .curvature import Curvature, as_curvature
 from .init import INITS, init_poincare_weight
 
@@ -71,7 +72,7 @@ class _PoincareFCBase(nn.Module):
         bias = self.bias if self.bias is not None else torch.zeros_like(znorm)
         if self.legacy_lambda:
             return fc_tangent_legacy(dots, sq, znorm, bias, c, dim)
-        return ball.fc_tangent(dots, sq, znorm, bias, c=c, dim=dim)
+        return fused_fc_tangent(dots, sq, znorm, bias, c, dim)
 
 
 class PoincareLinear(_PoincareFCBase):

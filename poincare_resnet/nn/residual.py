@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .. import ball
+from ..ball import get_eps, max_tangent_radius
+from ._fusion import fused_residual
 from .curvature import Curvature, as_curvature
 
 ORDERS = ("f+res", "res+f")
@@ -28,10 +30,18 @@ class PoincareResidual(nn.Module):
         self.dim = dim
 
     def forward(self, f: Tensor, res: Tensor, alpha: Tensor | float | None = None) -> Tensor:
+        if self.dim != 1:
+            return self._forward_reference(f, res, alpha)
         if f.shape != res.shape:
             raise ValueError(
                 f"residual branch shape {tuple(f.shape)} != shortcut shape {tuple(res.shape)}"
             )
+        c = self.curvature()
+        return fused_residual(f, res, alpha, c, get_eps(f.dtype), max_tangent_radius(f.dtype),
+                              self.order == "f+res")
+
+    def _forward_reference(self, f: Tensor, res: Tensor, alpha=None) -> Tensor:
+        """The same map as a chain of :mod:`poincare_resnet.ball` operations (for tests)."""
         c = self.curvature()
         if alpha is not None:
             f = f * alpha

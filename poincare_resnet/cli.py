@@ -1,0 +1,164 @@
+"""Command-line interface: ``poincare-resnet {train, evaluate, models, ood, attack, explain,
+experiment}``. Each subcommand is a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+
+
+def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs (values parsed as JSON where possible) for ``--model-kwargs``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model-kwargs expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _add_train(sub) -> None:
+    from .training.trainer import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a model (default: Poincaré ResNet-20 on digits)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="registered name (see `models`)")
+    p.add_argument("--dataset", default=d.dataset,
+                   help="digits | fashion-mnist | cifar10 | cifar100")
+    p.add_argument("--data-dir", default=None, help="where the dataset files are")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch size (split over processes under torchrun)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--step-size", type=int, default=d.step_size, help="epochs per step decay")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="step decay factor")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 = off")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="autocast for convolutions; hyperbolic maths stays float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop / flip")
+    p.add_argument("--limit-train", type=int, default=None, help="use N training images")
+    p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>-<time>)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--ckpt-every-steps", type=int, default=d.ckpt_every_steps,
+                   help="also checkpoint every N steps (0: each epoch only)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--nan-policy", choices=("stop", "skip"), default=d.nan_policy)
+    p.add_argument("--sync-bn", action="store_true", help="synchronise batch norm across ranks")
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (testing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra model options, e.g. init=center bn_mean=frechet")
+
+
+def _cmd_train(args) -> int:
+    from .training.trainer import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["progress"] = not args.no_progress
+    values["model_kwargs"] = _kv_pairs(args.model_kwargs)
+    cfg = TrainConfig(**values)
+    summary = train(cfg, resume=args.resume)
+    if summary:
+        print(json.dumps({k: summary[k] for k in ("test_top1", "test_top5", "best_val_top1",
+                                                  "run_dir")}, indent=2))
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class accuracy, confusion matrix")
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory")
+    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="directory for evaluation.json and the PNG")
+
+
+def _cmd_evaluate(args) -> int:
+    from .api import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split,
+                              args.device, args.out)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list registered model names")
+    p.add_argument("pattern", nargs="?", default=None, help="shell pattern, e.g. '*20*'")
+
+
+def _cmd_models(args) -> int:
+    from .models import list_models
+
+    print("\n".join(list_models(args.pattern)))
+    return 0
+
+
+COMMANDS = {"train": (_add_train, _cmd_train), "evaluate": (_add_evaluate, _cmd_evaluate),
+            "models": (_add_models, _cmd_models)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poincare-resnet",
+        description="Train and evaluate fully hyperbolic (Poincaré) ResNets.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .training.checkpoint import CheckpointError
+    from .training.trainer import NonFiniteError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return COMMANDS[args.command][1](args)
+    except NonFiniteError as e:
+        print(f"poincare-resnet: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"poincare-resnet: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
