@@ -9,17 +9,18 @@ For each custom op — ``expmap0``, ``logmap0``, ``mobius_add`` and the tangent-
 * **time**: forward + backward (``torch.autograd.grad`` w.r.t. every input), median over
   ``--repeats`` runs after ``--warmup`` runs, timed with ``time.perf_counter``;
 * **peak memory**: each (op, mode) runs in a fresh subprocess (this script re-invoked with the
-  hidden ``--child OP MODE`` arguments). The child allocates its inputs, takes a baseline of
-  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set size so far;
-  the op has already run once on a 64-row batch, so code pages and thread pools are included),
-  runs warm-up and timed iterations, and reports the increase of ``ru_maxrss`` over the baseline:
-  the peak extra host memory of forward + backward (activations saved for backward, temporaries,
-  gradients). PyTorch's CPU allocator returns large blocks to the OS, so the fresh process per
-  measurement keeps the runs from inheriting each other's peaks, and the children run with
-  ``MALLOC_MMAP_THRESHOLD_=131072`` so that glibc maps every tensor buffer separately and unmaps it
-  when freed: RSS then follows the live tensors instead of a heap that keeps freed pages (the
-  page faults of fresh buffers are part of the timings, for both modes alike). Resolution is a
-  page (4 KiB); ``ru_maxrss`` is in KiB on Linux (bytes on macOS, handled).
+  hidden ``--child OP MODE`` arguments). The child runs the op once on a 64-row batch (so code
+  pages and thread pools are resident), allocates its inputs, takes a baseline of
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set size so far),
+  runs the warm-up iterations and reports the increase of ``ru_maxrss`` over the baseline: the
+  peak extra host memory of forward + backward (tensors saved for backward, temporaries,
+  gradients). During this phase glibc's mmap threshold is fixed at 128 KiB (``mallopt``), so
+  every tensor buffer is its own mapping, unmapped when freed, and RSS follows the live tensors
+  (by default glibc raises the threshold after the first free and serves later buffers from a
+  heap that keeps freed pages). The timed runs follow with a high threshold, i.e. heap buffers
+  reused as in glibc's default steady state. A fresh process per measurement keeps the runs from
+  inheriting each other's peaks. Resolution is a page (4 KiB); ``ru_maxrss`` is in KiB on Linux
+  (bytes on macOS, handled; there, without ``mallopt``, the figures are less exact).
 
 Prints a Markdown table: op | manual ms | autograd ms | speed ratio (autograd ms / manual ms, >1
 means the manual backward is faster) | manual MiB | autograd MiB | memory ratio (autograd MiB /
@@ -32,6 +33,7 @@ inflate them. Run e.g. ``python benchmarks/ops.py --repeats 10 --threads 2``.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
@@ -94,6 +96,18 @@ def _make_case(op: str, c: float, rows: int = N_ROWS):
     return inputs, fn
 
 
+def _mallopt(param: int, value: int) -> bool:
+    """glibc ``mallopt``; False where unavailable (non-glibc platforms)."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
+    except (OSError, AttributeError):
+        return False
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
 def _child(op: str, mode: str, repeats: int, warmup: int, threads: int, c: float) -> dict:
     import gc
 
@@ -101,6 +115,8 @@ def _child(op: str, mode: str, repeats: int, warmup: int, threads: int, c: float
 
     from poincare_resnet import ball
 
+    # memory phase: every buffer ≥ 128 KiB is its own mapping, unmapped when freed
+    exact_rss = _mallopt(M_MMAP_THRESHOLD, 128 * 1024)
     torch.set_num_threads(threads)
     with ball.manual_backward(mode == "manual"):
         # run the op once on a small batch first: the kernels' code pages of libtorch and the
@@ -119,6 +135,13 @@ def _child(op: str, mode: str, repeats: int, warmup: int, threads: int, c: float
 
     times = []
     with ball.manual_backward(mode == "manual"):
+        for _ in range(max(warmup, 1)):
+            step()
+        peak = max(_maxrss_mib() - baseline, 0.0)
+        # timing phase: buffers from the heap and reused, as in glibc's default steady state
+        # (its dynamic threshold grows past the tensor size after the first free)
+        _mallopt(M_MMAP_THRESHOLD, 32 * 2**20)
+        _mallopt(M_TRIM_THRESHOLD, 2**30)
         for i in range(warmup + repeats):
             t0 = time.perf_counter()
             step()
@@ -129,7 +152,8 @@ def _child(op: str, mode: str, repeats: int, warmup: int, threads: int, c: float
         "op": op,
         "mode": mode,
         "ms": statistics.median(times),
-        "mib": max(_maxrss_mib() - baseline, 0.0),
+        "mib": peak,
+        "exact_rss": exact_rss,
         "input_mib": sum(t.numel() * t.element_size() for t in inputs) / 2**20,
     }
 
@@ -141,10 +165,6 @@ def _run_child(op: str, mode: str, args: argparse.Namespace) -> dict:
         "--threads", str(args.threads), "--c", str(args.c),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    # a fixed mmap threshold (glibc): every tensor buffer ≥ 128 KiB is its own mapping, returned to
-    # the OS when freed, so RSS follows the live tensors (glibc otherwise raises the threshold after
-    # the first free and serves later buffers from a heap that keeps freed pages)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {op}/{mode} failed:\n{proc.stderr}")

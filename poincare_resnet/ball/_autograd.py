@@ -279,59 +279,94 @@ class FullyConnectedTangent(torch.autograd.Function):
         else:
             dots, sq, znorm, bias = ctx.saved_tensors
             c = ctx.c
-        dim = ctx.dim
-        T = _fc_forward_terms(dots, sq, znorm, bias, c, dim)
-        sc, psi, p2, kappa = T["sc"], T["psi"], T["p2"], T["kappa"]
-        # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + κ'‖ψ‖ ⟨G, ψ̂⟩ ψ̂  (ψ̂ = ψ/‖ψ‖). Written with ψ̂ and
-        # kp2 = κ'‖ψ‖: the form (κ'/‖ψ‖)·⟨G, ψ⟩ψ underflows float32 (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17)
-        psi_hat = psi / T["p"]
-        g_psi_hat = (grad * psi_hat).sum(dim, keepdim=True)
-        k_series = p2 * (-1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2)
-        k_exact = 1 / torch.sqrt(1 + p2) - T["kappa_base"]
-        kp2 = torch.where(T["small_p"], k_series, k_exact) / (2 * sc)
-        kp2 = torch.where(T["clipped_out"], -kappa, kp2)
-        grad_psi = kappa * grad + (kp2 * g_psi_hat) * psi_hat
-        # ψ = sinh(g), g = 2|z| asinh(q)   (no gradient where g was clamped)
-        in_range = T["g_raw"].abs() <= FC_ARG_LIMIT
-        grad_g = torch.where(in_range, grad_psi * torch.cosh(T["g"]), torch.zeros_like(grad_psi))
-        zn, h, q = T["zn"], T["h"], T["q"]
-        grad_q = grad_g * 2 * zn / torch.sqrt(1 + q * q)
-        a, e, ch, sh = T["a"], T["e"], T["ch"], T["sh"]
-        reduce_dims = [i for i in range(dots.dim()) if i != dim % dots.dim()]
+        return _fc_backward(grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad)
 
-        def per_feature(x: Tensor) -> Tensor:
-            return x.sum(reduce_dims) if reduce_dims else x.reshape(-1)
 
-        grad_dots = grad_q * a * ch if ctx.needs_input_grad[0] else None
-        grad_znorm = per_feature(grad_g * 2 * h) if ctx.needs_input_grad[2] else None
-        gq_dot = grad_q * dots
-        grad_ch = per_feature(gq_dot * a)  # ∂L/∂cosh(2√c r)
-        grad_sh = per_feature(-grad_q * e)  # ∂L/∂sinh(2√c r)
-        two_sc = 2 * sc
-        ch_k = torch.cosh(two_sc * bias)
-        sh_k = torch.sinh(two_sc * bias)
-        grad_bias = (grad_ch * sh_k + grad_sh * ch_k) * two_sc if ctx.needs_input_grad[3] else None
-        grad_a = (gq_dot * ch).sum(dim, keepdim=True)
-        grad_e = -(grad_q * sh).sum(dim, keepdim=True)
-        t2, n, small = T["t2"], T["n"], T["small"]
-        clipped_in = T["clipped_in"]
-        c_val = sc * sc
-        cosh2t = e
-        # da/d(sq) and de/d(sq) with n = sqrt(sq)
-        da_dsq_series = (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2)
-        da_dsq_exact = (2 * sc * n * cosh2t - T["sinh2t"]) / (2 * n * n * n)
-        da_dsq = torch.where(small, da_dsq_series, da_dsq_exact)
-        de_dsq = torch.where(small, c_val * (2 + 4 * t2 / 3), sc * T["sinh2t"] / n)
-        da_dsq = torch.where(clipped_in, -a / (2 * n * n), da_dsq)
-        de_dsq = torch.where(clipped_in, torch.zeros_like(de_dsq), de_dsq)
-        grad_sq = grad_a * da_dsq + grad_e * de_dsq if ctx.needs_input_grad[1] else None
-        grad_c = None
-        if ctx.c_is_tensor and ctx.needs_input_grad[4]:
-            # explicit c-dependence: κ ∝ 1/√c; a, e through t = √c n; cosh/sinh(2√c r).
-            dc = -(grad * kappa * psi).sum() / (2 * c)
-            da_dc = torch.where(clipped_in, torch.zeros_like(a), cosh2t / sc)
-            de_dc = torch.where(clipped_in, torch.zeros_like(e), T["sinh2t"] * n / sc)
-            dc = dc + (grad_a * da_dc + grad_e * de_dc).sum()
-            dc = dc + ((grad_ch * sh_k + grad_sh * ch_k) * bias / sc).sum()
-            grad_c = dc.reshape(c.shape)
-        return grad_dots, grad_sq, grad_znorm, grad_bias, grad_c, None
+def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
+    """Backward of :class:`FullyConnectedTangent`: recomputes the forward terms in order and
+    drops each full-size tensor as soon as it is used, so at most a few are alive at once."""
+    dtype = dots.dtype
+    sc = _sqrt(c)
+    c_val = sc * sc
+    limit = max_tangent_radius(dtype)
+    # per-position scalars (size 1 along dim)
+    n = sq.clamp_min(MIN_NORM**2).sqrt()
+    t = sc * n
+    clipped_in = t > limit
+    tc = t.clamp_max(limit)
+    small = t < _small(dtype)
+    t2 = t * t
+    sinh2t = torch.sinh(2 * tc)
+    a = torch.where(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
+    e = torch.cosh(2 * tc)
+    # per-feature constants
+    shape = [1] * dots.dim()
+    shape[dim] = -1
+    zn = znorm.reshape(shape)
+    two_sr = 2 * sc * bias.reshape(shape)
+    ch, sh = torch.cosh(two_sr), torch.sinh(two_sr)
+    reduce_dims = [i for i in range(dots.dim()) if i != dim % dots.dim()]
+
+    def per_feature(x: Tensor) -> Tensor:
+        return x.sum(reduce_dims) if reduce_dims else x.reshape(-1)
+
+    # forward recomputation of the full-size chain
+    q = a * dots * ch - e * sh
+    h = torch.asinh(q)
+    g_raw = 2 * zn * h
+    in_range = g_raw.abs() <= FC_ARG_LIMIT
+    g = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT)
+    del g_raw
+    psi = torch.sinh(g)
+    p2 = psi.pow(2).sum(dim, keepdim=True)
+    p = p2.clamp_min(MIN_NORM**2).sqrt()
+    p2c = p2.clamp_min(MIN_NORM**2)
+    rho = torch.asinh(p)
+    clipped_out = rho > 2 * limit
+    small_p = p < _small(dtype)
+    kappa_base = torch.where(small_p, 1 - p2 / 6 + 3 * p2 * p2 / 40, rho / p)
+    kappa = torch.where(clipped_out, 2 * limit / p, kappa_base) / (2 * sc)
+    # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'/‖ψ‖) ⟨G, ψ⟩ ψ
+    g_psi_dot = (grad * psi).sum(dim, keepdim=True)
+    k_series = -1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2
+    k_exact = (1 / torch.sqrt(1 + p2) - kappa_base) / p2c
+    kprime = torch.where(small_p, k_series, k_exact) / (2 * sc)
+    kprime = torch.where(clipped_out, -kappa / p2c, kprime)
+    grad_g = kappa * grad + (kprime * g_psi_dot) * psi
+    del psi
+    # ψ = sinh(g), g = 2|z| asinh(q)   (no gradient where g was clamped)
+    grad_g = torch.where(in_range, grad_g * torch.cosh(g), torch.zeros((), dtype=dtype,
+                                                                       device=dots.device))
+    del g, in_range
+    grad_znorm = per_feature(grad_g * 2 * h) if needs[2] else None
+    del h
+    grad_q = grad_g * (2 * zn) / torch.sqrt(1 + q * q)
+    del grad_g, q
+    grad_dots = grad_q * (a * ch) if needs[0] else None
+    gq_dot = grad_q * dots
+    grad_ch = per_feature(gq_dot * a)  # ∂L/∂cosh(2√c r)
+    grad_a = (gq_dot * ch).sum(dim, keepdim=True)
+    del gq_dot
+    grad_sh = -per_feature(grad_q * e)  # ∂L/∂sinh(2√c r)
+    grad_e = -(grad_q * sh).sum(dim, keepdim=True)
+    del grad_q
+    two_sc = 2 * sc
+    ch_k, sh_k = torch.cosh(two_sc * bias), torch.sinh(two_sc * bias)
+    grad_bias = (grad_ch * sh_k + grad_sh * ch_k) * two_sc if needs[3] else None
+    # a(n) = sinh(2t)/n, e(n) = cosh(2t) with n = √sq
+    da_dsq = torch.where(small, (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
+                         (2 * sc * n * e - sinh2t) / (2 * n * n * n))
+    de_dsq = torch.where(small, c_val * (2 + 4 * t2 / 3), sc * sinh2t / n)
+    da_dsq = torch.where(clipped_in, -a / (2 * n * n), da_dsq)
+    de_dsq = torch.where(clipped_in, torch.zeros_like(de_dsq), de_dsq)
+    grad_sq = grad_a * da_dsq + grad_e * de_dsq if needs[1] else None
+    grad_c = None
+    if isinstance(c, Tensor) and needs[4]:
+        # explicit c-dependence: κ ∝ 1/√c; a, e through t = √c n; cosh/sinh(2√c r).
+        dc = -(kappa * g_psi_dot).sum() / (2 * c)  # −⟨G, out⟩/(2c)
+        da_dc = torch.where(clipped_in, torch.zeros_like(a), e / sc)
+        de_dc = torch.where(clipped_in, torch.zeros_like(e), sinh2t * n / sc)
+        dc = dc + (grad_a * da_dc + grad_e * de_dc).sum()
+        dc = dc + ((grad_ch * sh_k + grad_sh * ch_k) * bias / sc).sum()
+        grad_c = dc.reshape(c.shape)
+    return grad_dots, grad_sq, grad_znorm, grad_bias, grad_c, None

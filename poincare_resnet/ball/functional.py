@@ -2,10 +2,12 @@
 
 The ball of curvature −c (c > 0) is ``B = {x : c‖x‖² < 1}``. Every function takes the curvature as
 keyword ``c`` (a Python float, or a scalar tensor that may require grad) and the manifold axis as
-keyword ``dim`` (default −1); any other axes are batch axes. Inputs are projected onto the ball
-(``‖x‖ ≤ (1 − ε)/√c``, see :mod:`poincare_resnet.ball.config`) rather than rejected: a point
-outside the ball is moved to its boundary shell, as the reference systems do. NaN inputs propagate
-(checking them would need a host sync); :func:`check_point` validates explicitly.
+keyword ``dim`` (default −1); any other axes are batch axes. Points outside the ball are not
+rejected: maps whose formula needs ``√c‖x‖ < 1`` (``logmap0``, ``dist``, ``logmap``,
+``mobius_scalar_mul``, the FC maps) clamp it to ``1 − ε``, and results that are ball points are
+projected to ``‖x‖ ≤ (1 − ε)/√c`` (see :mod:`poincare_resnet.ball.config`), as the reference
+systems do (``mobius_add`` projects its result, not its inputs). NaN inputs propagate (checking
+them would need a host sync); :func:`check_point` validates explicitly.
 
 The hot operations (``expmap0``, ``logmap0``, ``mobius_add``, ``fully_connected`` and the
 tangent-form FC used by the layers) run hand-written backward passes unless
