@@ -160,9 +160,19 @@ def _child(op: str, mode: str, repeats: int, warmup: int, threads: int, c: float
 
 def _run_child(op: str, mode: str, args: argparse.Namespace) -> dict:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--child", op, mode,
-        "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-        "--threads", str(args.threads), "--c", str(args.c),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        op,
+        mode,
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--c",
+        str(args.c),
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

@@ -63,19 +63,29 @@ def evaluate_checkpoint(
         raise ValueError("the checkpoint names no dataset; pass --dataset")
     data = load_dataset(name, data_dir)
     if data.in_chans != meta["model_kwargs"]["in_chans"]:
-        raise ValueError(f"dataset {name} has {data.in_chans} channels but the model expects "
-                         f"{meta['model_kwargs']['in_chans']}")
+        raise ValueError(
+            f"dataset {name} has {data.in_chans} channels but the model expects "
+            f"{meta['model_kwargs']['in_chans']}"
+        )
     if data.num_classes != meta["model_kwargs"]["num_classes"]:
-        raise ValueError(f"dataset {name} has {data.num_classes} classes but the model was "
-                         f"trained for {meta['model_kwargs']['num_classes']}")
+        raise ValueError(
+            f"dataset {name} has {data.num_classes} classes but the model was "
+            f"trained for {meta['model_kwargs']['num_classes']}"
+        )
     x, y = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
     res = evaluate_split(model, x, y, batch_size, device, return_logits=True)
     logits = res.pop("logits")
     per_class = per_class_accuracy(logits, y, data.num_classes)
-    result = {"checkpoint": str(path), "dataset": name, "split": split, "n": len(y),
-              **{f"{split}_{k}": v for k, v in res.items()},
-              "per_class_accuracy": {c: float(a) for c, a in zip(data.class_names, per_class,
-                                                                 strict=True)}}
+    result = {
+        "checkpoint": str(path),
+        "dataset": name,
+        "split": split,
+        "n": len(y),
+        **{f"{split}_{k}": v for k, v in res.items()},
+        "per_class_accuracy": {
+            c: float(a) for c, a in zip(data.class_names, per_class, strict=True)
+        },
+    }
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

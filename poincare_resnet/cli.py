@@ -34,15 +34,23 @@ def _add_train(sub) -> None:
     from .training.trainer import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
-    p = sub.add_parser("train", help="train a model (default: Poincaré ResNet-20 on digits)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train a model (default: Poincaré ResNet-20 on digits)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--model", default=d.model, help="registered name (see `models`)")
-    p.add_argument("--dataset", default=d.dataset,
-                   help="digits | fashion-mnist | cifar10 | cifar100")
+    p.add_argument(
+        "--dataset", default=d.dataset, help="digits | fashion-mnist | cifar10 | cifar100"
+    )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="global batch size (split over processes under torchrun)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="global batch size (split over processes under torchrun)",
+    )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
@@ -56,18 +64,27 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", choices=("float32", "float64"), default=d.dtype)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="autocast for convolutions; hyperbolic maths stays float32")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="autocast for convolutions; hyperbolic maths stays float32",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no random crop / flip")
+    p.add_argument(
+        "--no-augment", dest="augment", action="store_false", help="no random crop / flip"
+    )
     p.add_argument("--limit-train", type=int, default=None, help="use N training images")
     p.add_argument("--out", default=None, help="run directory (default runs/<model>-<data>-<time>)")
     p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--ckpt-every-steps", type=int, default=d.ckpt_every_steps,
-                   help="also checkpoint every N steps (0: each epoch only)")
+    p.add_argument(
+        "--ckpt-every-steps",
+        type=int,
+        default=d.ckpt_every_steps,
+        help="also checkpoint every N steps (0: each epoch only)",
+    )
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--nan-policy", choices=("stop", "skip"), default=d.nan_policy)
@@ -76,8 +93,13 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (testing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra model options, e.g. init=center bn_mean=frechet")
+    p.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra model options, e.g. init=center bn_mean=frechet",
+    )
 
 
 def _cmd_train(args) -> int:
@@ -90,8 +112,12 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(**values)
     summary = train(cfg, resume=args.resume)
     if summary:
-        print(json.dumps({k: summary[k] for k in ("test_top1", "test_top5", "best_val_top1",
-                                                  "run_dir")}, indent=2))
+        print(
+            json.dumps(
+                {k: summary[k] for k in ("test_top1", "test_top5", "best_val_top1", "run_dir")},
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -108,8 +134,9 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     from .api import evaluate_checkpoint
 
-    res = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, args.split,
-                              args.device, args.out)
+    res = evaluate_checkpoint(
+        args.checkpoint, args.dataset, args.data_dir, args.split, args.device, args.out
+    )
     print(json.dumps(res, indent=2))
     return 0
 
@@ -126,14 +153,251 @@ def _cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, _cmd_train), "evaluate": (_add_evaluate, _cmd_evaluate),
-            "models": (_add_models, _cmd_models)}
+def _add_ood(sub) -> None:
+    p = sub.add_parser(
+        "ood",
+        help="OOD detection: test set vs synthetic sets or image folders",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory")
+    p.add_argument(
+        "--ood-sets",
+        default="gaussian,uniform,digits",
+        help="comma list of builtin sets (gaussian, uniform, inverted, hflip, vflip, digits) "
+        "and/or paths (image directory or CIFAR-format file)",
+    )
+    p.add_argument("--scores", default="energy,msp,feature_norm", help="comma list")
+    p.add_argument("--repeats", type=int, default=5, help="random subsamples to average over")
+    p.add_argument("--subsample", type=int, default=None, help="samples per set per repeat")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="output directory (default: <run dir>/ood)")
+
+
+def _cmd_ood(args) -> int:
+    from pathlib import Path
+
+    from .evaluation.commands import run_ood
+    from .experiments._common import as_str_tuple
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ck = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "ood"
+    run_ood(
+        args.checkpoint,
+        list(as_str_tuple(args.ood_sets)),
+        data_dir=args.data_dir,
+        out=out,
+        scores=as_str_tuple(args.scores),
+        repeats=args.repeats,
+        subsample=args.subsample,
+        seed=args.seed,
+        device=args.device,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+    )
+    print((out / "ood.md").read_text(), end="")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _add_attack(sub) -> None:
+    p = sub.add_parser(
+        "attack",
+        help="FGSM / PGD robust accuracy",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory")
+    p.add_argument("--attack", default="fgsm,pgd", help="comma list: fgsm, pgd")
+    p.add_argument(
+        "--eps",
+        default="0.8,1.6,2.4,3.2",
+        help="comma list of L∞ radii in /255 units of the [-1, 1] input range",
+    )
+    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.add_argument(
+        "--step-size", type=float, default=None, help="PGD step in /255 units (default 2.5·ε/steps)"
+    )
+    p.add_argument("--no-random-start", action="store_true", help="PGD starts at the image")
+    p.add_argument("--limit", type=int, default=None, help="attack N random test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="output directory (default: <run dir>/attack)")
+
+
+def _cmd_attack(args) -> int:
+    from pathlib import Path
+
+    from .evaluation.commands import run_attack
+    from .experiments._common import as_str_tuple, as_tuple
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ck = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "attack"
+    eps = [e / 255.0 for e in as_tuple(args.eps, float)]
+    if any(e < 0 for e in eps):
+        raise ValueError("--eps values must be >= 0")
+    run_attack(
+        args.checkpoint,
+        attacks=as_str_tuple(args.attack),
+        eps=eps,
+        steps=args.steps,
+        step_size=None if args.step_size is None else args.step_size / 255.0,
+        random_start=not args.no_random_start,
+        limit=args.limit,
+        out=out,
+        device=args.device,
+        data_dir=args.data_dir,
+        dataset=args.dataset,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    print((out / "attack.md").read_text(), end="")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="Grad-CAM and saliency maps of one or more models, side by side",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoints or run directories")
+    p.add_argument("--images", default="0,1,2,3", help="comma list of test-set indices")
+    p.add_argument("--dataset", default=None, help="default: the one they were trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: <first run dir>/explain)"
+    )
+
+
+def _cmd_explain(args) -> int:
+    from pathlib import Path
+
+    from .evaluation.commands import run_explain
+    from .experiments._common import as_tuple
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ck = Path(args.checkpoints[0])
+    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "explain"
+    run_explain(
+        args.checkpoints,
+        images=list(as_tuple(args.images)),
+        out=out,
+        data_dir=args.data_dir,
+        device=args.device,
+        dataset=args.dataset,
+    )
+    print((out / "explanations.md").read_text(), end="")
+    print(f"\nwritten to {out / 'explanations.png'}")
+    return 0
+
+
+def _add_experiment(sub) -> None:
+    from .experiments import EXPERIMENTS
+
+    p = sub.add_parser(
+        "experiment",
+        help="run one of the paper's experiments (tables + figure)",
+        description="Experiments: " + ", ".join(EXPERIMENTS) + ". Options an experiment does "
+        "not take are rejected; --set KEY=VALUE passes any other option of its run() function.",
+    )
+    p.add_argument("name", choices=list(EXPERIMENTS))
+    p.add_argument("--tiny", action="store_true", help="tiny sizes (seconds; for tests)")
+    p.add_argument("--out", default=None, help="output directory (default results/<name>)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--depths", default=None, help="comma list, e.g. 8,20,32")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other option, e.g. --set widths=8,16 memory=false",
+    )
+
+
+def _cmd_experiment(args) -> int:
+    from pathlib import Path
+
+    from .experiments import run_experiment
+
+    flags = (
+        "threads",
+        "device",
+        "seed",
+        "dataset",
+        "data_dir",
+        "epochs",
+        "batch_size",
+        "lr",
+        "limit_train",
+        "depths",
+        "repeats",
+    )
+    options = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            options[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = value
+    out = Path(args.out) if args.out else Path("results") / args.name
+    run_experiment(args.name, out, tiny=args.tiny, **options)
+    slug = args.name.replace("-", "_")
+    for md in sorted(out.glob(f"{slug}*.md")):
+        print(f"\n## {md.stem}\n")
+        print(md.read_text(), end="")
+    print(f"\nwritten to {out}")
+    return 0
+
+
+COMMANDS = {
+    "train": (_add_train, _cmd_train),
+    "evaluate": (_add_evaluate, _cmd_evaluate),
+    "models": (_add_models, _cmd_models),
+    "ood": (_add_ood, _cmd_ood),
+    "attack": (_add_attack, _cmd_attack),
+    "explain": (_add_explain, _cmd_explain),
+    "experiment": (_add_experiment, _cmd_experiment),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poincare-resnet",
-        description="Train and evaluate fully hyperbolic (Poincaré) ResNets.")
+        description="Train and evaluate fully hyperbolic (Poincaré) ResNets.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add, _ in COMMANDS.values():

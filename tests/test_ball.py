@@ -125,9 +125,7 @@ def test_dist_is_norm_of_logmap(u, w, dtype, curvature):
     torch.testing.assert_close(d, lam * ball.logmap(x, y, c=c).norm(dim=-1), **_tol(dtype))
     # and symmetric, zero on the diagonal
     torch.testing.assert_close(d, ball.dist(y, x, c=c), **_tol(dtype, 1e-3, 1e-9))
-    torch.testing.assert_close(
-        ball.dist(x, x, c=c), torch.zeros_like(d), **_tol(dtype, 1e-5, 1e-9)
-    )
+    torch.testing.assert_close(ball.dist(x, x, c=c), torch.zeros_like(d), **_tol(dtype, 1e-5, 1e-9))
 
 
 @prop_settings
@@ -294,8 +292,18 @@ def _oracle_cases(c: float, vmax: float = 5.0, frac: float = 0.95):
 
 
 ORACLE_OPS = [
-    "expmap0", "logmap0", "mobius_add", "mobius_scalar_mul", "dist", "expmap", "logmap",
-    "gyration", "transport", "gyromidpoint", "weighted_gyromidpoint", "conformal_factor",
+    "expmap0",
+    "logmap0",
+    "mobius_add",
+    "mobius_scalar_mul",
+    "dist",
+    "expmap",
+    "logmap",
+    "gyration",
+    "transport",
+    "gyromidpoint",
+    "weighted_gyromidpoint",
+    "conformal_factor",
 ]
 
 
@@ -382,6 +390,7 @@ def test_geoopt_oracle_clipped(curvature):
 
 # ------------------------------------------------------------------------------ mpmath oracle
 
+
 @mpmath.workdps(50)
 def _mp_hyperplane(x: np.ndarray, z: np.ndarray, r: np.ndarray, c: float) -> list:
     """HNN++ v_k(x) at 50 significant digits (inputs are exact binary floats)."""
@@ -420,8 +429,10 @@ def test_hyperplane_distances_mpmath(dtype, curvature):
     c = curvature
     x, weight, bias = _rounded(dtype, *_fc_cases(c))
     want = torch.tensor(
-        [[float(t) for t in _mp_hyperplane(xi, weight.numpy(), bias.numpy(), c)]
-         for xi in x.numpy()],
+        [
+            [float(t) for t in _mp_hyperplane(xi, weight.numpy(), bias.numpy(), c)]
+            for xi in x.numpy()
+        ],
         dtype=torch.float64,
     )
     got = ball.hyperplane_distances(x.to(dtype), weight.to(dtype), bias.to(dtype), c=c)
@@ -429,8 +440,10 @@ def test_hyperplane_distances_mpmath(dtype, curvature):
     torch.testing.assert_close(got.double(), want, **tol)
     # without bias: r_k = 0
     want0 = torch.tensor(
-        [[float(t) for t in _mp_hyperplane(xi, weight.numpy(), np.zeros(3), c)]
-         for xi in x.numpy()],
+        [
+            [float(t) for t in _mp_hyperplane(xi, weight.numpy(), np.zeros(3), c)]
+            for xi in x.numpy()
+        ],
         dtype=torch.float64,
     )
     got0 = ball.hyperplane_distances(x.to(dtype), weight.to(dtype), c=c)

@@ -336,9 +336,7 @@ def test_fc_tangent_zero_limit():
         jd, js = torch.autograd.functional.jacobian(
             lambda d, s: F.FullyConnectedTangent.apply(d, s, znorm, zero, c, -1), (dots, sq)
         )
-        torch.testing.assert_close(
-            jd.reshape(3, 3), torch.diag(2 * znorm), rtol=1e-12, atol=1e-12
-        )
+        torch.testing.assert_close(jd.reshape(3, 3), torch.diag(2 * znorm), rtol=1e-12, atol=1e-12)
         assert torch.isfinite(js).all()
 
 
@@ -388,16 +386,37 @@ def test_fc_tangent_mpmath_gradient(p_norm):
         return fn
 
     with mpmath.workdps(40):
-        want = [float(t) for t in _mp_fc_tangent(*(
-            [mpmath.mpf(v) for v in flat[0:3]], mpmath.mpf(flat[3]),
-            [mpmath.mpf(v) for v in flat[4:7]], [mpmath.mpf(v) for v in flat[7:10]],
-            mpmath.mpf(flat[10])))]
+        want = [
+            float(t)
+            for t in _mp_fc_tangent(
+                *(
+                    [mpmath.mpf(v) for v in flat[0:3]],
+                    mpmath.mpf(flat[3]),
+                    [mpmath.mpf(v) for v in flat[4:7]],
+                    [mpmath.mpf(v) for v in flat[7:10]],
+                    mpmath.mpf(flat[10]),
+                )
+            )
+        ]
         torch.testing.assert_close(out[0], torch.tensor(want, dtype=f64), rtol=1e-12, atol=1e-20)
-        got = torch.cat([jac[0].reshape(3, 3), jac[1].reshape(3, 1), jac[2].reshape(3, 3),
-                         jac[3].reshape(3, 3), jac[4].reshape(3, 1)], dim=1)
+        got = torch.cat(
+            [
+                jac[0].reshape(3, 3),
+                jac[1].reshape(3, 1),
+                jac[2].reshape(3, 3),
+                jac[3].reshape(3, 3),
+                jac[4].reshape(3, 1),
+            ],
+            dim=1,
+        )
         num = torch.tensor(
-            [[float(mpmath.diff(f(k, j), mpmath.mpf(flat[j]), h=mpmath.mpf(flat[3]) * 1e-12))
-              for j in range(11)] for k in range(3)],
+            [
+                [
+                    float(mpmath.diff(f(k, j), mpmath.mpf(flat[j]), h=mpmath.mpf(flat[3]) * 1e-12))
+                    for j in range(11)
+                ]
+                for k in range(3)
+            ],
             dtype=f64,
         )
     scale = num.abs().max(dim=0).values + 1e-300
@@ -485,8 +504,10 @@ def _public_ops():
         "logmap": (lambda x, y, c: ball.logmap(x, y, c=c), pair_case),
         "expmap": (lambda x, v, c: ball.expmap(x, v, c=c), pair_case),
         "fc_tangent": (lambda d, s, z, b, c: ball.fc_tangent(d, s, z, b, c=c), fc_case),
-        "fully_connected": (lambda x, w, b, c: ball.fully_connected(x, w, b, c=c),
-                            fully_connected_case),
+        "fully_connected": (
+            lambda x, w, b, c: ball.fully_connected(x, w, b, c=c),
+            fully_connected_case,
+        ),
     }
 
 

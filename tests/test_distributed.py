@@ -14,9 +14,27 @@ import torch
 
 from poincare_resnet.training.checkpoint import load_checkpoint
 
-COMMON = ["train", "--model", "poincare_resnet20", "--dataset", "digits", "--epochs", "2",
-          "--limit-train", "64", "--batch-size", "32", "--no-augment", "--no-progress",
-          "--threads", "1", "--lr", "3e-3", "--seed", "3"]
+COMMON = [
+    "train",
+    "--model",
+    "poincare_resnet20",
+    "--dataset",
+    "digits",
+    "--epochs",
+    "2",
+    "--limit-train",
+    "64",
+    "--batch-size",
+    "32",
+    "--no-augment",
+    "--no-progress",
+    "--threads",
+    "1",
+    "--lr",
+    "3e-3",
+    "--seed",
+    "3",
+]
 
 
 def _run(args: list[str], cwd: Path, nproc: int) -> subprocess.CompletedProcess:
@@ -24,8 +42,16 @@ def _run(args: list[str], cwd: Path, nproc: int) -> subprocess.CompletedProcess:
     if nproc > 1:
         torchrun = shutil.which("torchrun")
         launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-        cmd = [*launcher, "--nproc-per-node", str(nproc), "--master-port", "29533", "-m",
-               "poincare_resnet", *args]
+        cmd = [
+            *launcher,
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            "29533",
+            "-m",
+            "poincare_resnet",
+            *args,
+        ]
     else:
         cmd = [sys.executable, "-m", "poincare_resnet", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -70,8 +96,19 @@ def test_only_rank0_wrote_files(runs):
     multi = runs[1]
     assert sorted(p.name for p in multi.parent.iterdir()) == ["run"]
     names = sorted(p.name for p in multi.iterdir())
-    assert names == sorted(["best.json", "best.safetensors", "checkpoints", "config.json",
-                            "last.json", "last.safetensors", "metrics.jsonl", "report.md",
-                            "summary.json", "training_curves.png"])
+    assert names == sorted(
+        [
+            "best.json",
+            "best.safetensors",
+            "checkpoints",
+            "config.json",
+            "last.json",
+            "last.safetensors",
+            "metrics.jsonl",
+            "report.md",
+            "summary.json",
+            "training_curves.png",
+        ]
+    )
     ckpts = sorted(p.name for p in (multi / "checkpoints").iterdir())
     assert all(n.startswith("ckpt-") for n in ckpts) and len(ckpts) <= 2 * 3

@@ -1,9 +1,10 @@
 """Every Poincaré layer works under ``torch.compile`` with the default (inductor) backend.
 
-One residual block, compiled for a train step (forward + backward) and for eval, compared with
-eager. Inductor's C++ code is generated without SIMD (``cpp.vec_isa_ok=False``): the same graphs,
-lowerings and fusions, but g++ builds the kernels in ~40 s instead of ~120 s on a 2-core machine
-with a cold cache (a warm ``/tmp/torchinductor_*`` cache takes ~10 s either way).
+One residual block, compiled once for a train step (forward + backward), compared with eager
+over two steps (the eval path is checked under ``aot_eager`` in ``test_nn.py``). Inductor's C++
+is generated without SIMD (``cpp.vec_isa_ok=False``): the same graphs, lowerings and fusions,
+but g++ builds the kernels in ~30-50 s instead of ~100-130 s on a shared 2-core machine with a
+cold cache (a warm ``/tmp/torchinductor_*`` cache takes ~10 s either way).
 """
 
 from __future__ import annotations
@@ -62,18 +63,16 @@ def test_block_compiled_with_inductor_matches_eager():
         (out_e * g).sum().backward()
         (out_c * g).sum().backward()
         torch.testing.assert_close(u_c.grad, u_e.grad, rtol=1e-4, atol=1e-4)
-        for (name, p_e), p_c in zip(eager.named_parameters(), compiled_module.parameters()):
+        for (name, p_e), p_c in zip(
+            eager.named_parameters(), compiled_module.parameters(), strict=True
+        ):
             torch.testing.assert_close(
                 p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
             )
         u = u * 0.5 + 0.1 * step
 
-    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_module.buffers()):
-        torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_module.buffers(), strict=True):
+        torch.testing.assert_close(
+            b_c, b_e, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
     assert int(compiled_module.bn1.num_batches_tracked) == 2
-
-    # eval mode (running statistics) compiles too and matches eager
-    eager.eval()
-    compiled_module.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(u), eager(u), rtol=1e-4, atol=1e-4)

@@ -320,23 +320,25 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     psi = torch.sinh(g)
     p2 = psi.pow(2).sum(dim, keepdim=True)
     p = p2.clamp_min(MIN_NORM**2).sqrt()
-    p2c = p2.clamp_min(MIN_NORM**2)
     rho = torch.asinh(p)
     clipped_out = rho > 2 * limit
     small_p = p < _small(dtype)
     kappa_base = torch.where(small_p, 1 - p2 / 6 + 3 * p2 * p2 / 40, rho / p)
     kappa = torch.where(clipped_out, 2 * limit / p, kappa_base) / (2 * sc)
-    # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'/‖ψ‖) ⟨G, ψ⟩ ψ
-    g_psi_dot = (grad * psi).sum(dim, keepdim=True)
-    k_series = -1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2
-    k_exact = (1 / torch.sqrt(1 + p2) - kappa_base) / p2c
-    kprime = torch.where(small_p, k_series, k_exact) / (2 * sc)
-    kprime = torch.where(clipped_out, -kappa / p2c, kprime)
-    grad_g = kappa * grad + (kprime * g_psi_dot) * psi
+    # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + κ'‖ψ‖ ⟨G, ψ̂⟩ ψ̂  with ψ̂ = ψ/‖ψ‖. The form (κ'/‖ψ‖)⟨G, ψ⟩ψ
+    # underflows float32 where the output is clipped (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17).
+    psi = psi / p  # ψ̂
+    g_psi_hat = (grad * psi).sum(dim, keepdim=True)
+    k_series = p2 * (-1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2)
+    k_exact = 1 / torch.sqrt(1 + p2) - kappa_base
+    kp2 = torch.where(small_p, k_series, k_exact) / (2 * sc)  # κ'‖ψ‖
+    kp2 = torch.where(clipped_out, -kappa, kp2)
+    grad_g = kappa * grad + (kp2 * g_psi_hat) * psi
     del psi
     # ψ = sinh(g), g = 2|z| asinh(q)   (no gradient where g was clamped)
-    grad_g = torch.where(in_range, grad_g * torch.cosh(g), torch.zeros((), dtype=dtype,
-                                                                       device=dots.device))
+    grad_g = torch.where(
+        in_range, grad_g * torch.cosh(g), torch.zeros((), dtype=dtype, device=dots.device)
+    )
     del g, in_range
     grad_znorm = per_feature(grad_g * 2 * h) if needs[2] else None
     del h
@@ -354,8 +356,11 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     ch_k, sh_k = torch.cosh(two_sc * bias), torch.sinh(two_sc * bias)
     grad_bias = (grad_ch * sh_k + grad_sh * ch_k) * two_sc if needs[3] else None
     # a(n) = sinh(2t)/n, e(n) = cosh(2t) with n = √sq
-    da_dsq = torch.where(small, (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
-                         (2 * sc * n * e - sinh2t) / (2 * n * n * n))
+    da_dsq = torch.where(
+        small,
+        (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
+        (2 * sc * n * e - sinh2t) / (2 * n * n * n),
+    )
     de_dsq = torch.where(small, c_val * (2 + 4 * t2 / 3), sc * sinh2t / n)
     da_dsq = torch.where(clipped_in, -a / (2 * n * n), da_dsq)
     de_dsq = torch.where(clipped_in, torch.zeros_like(de_dsq), de_dsq)
@@ -363,7 +368,7 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     grad_c = None
     if isinstance(c, Tensor) and needs[4]:
         # explicit c-dependence: κ ∝ 1/√c; a, e through t = √c n; cosh/sinh(2√c r).
-        dc = -(kappa * g_psi_dot).sum() / (2 * c)  # −⟨G, out⟩/(2c)
+        dc = -(kappa * p * g_psi_hat).sum() / (2 * c)  # −⟨G, out⟩/(2c)
         da_dc = torch.where(clipped_in, torch.zeros_like(a), e / sc)
         de_dc = torch.where(clipped_in, torch.zeros_like(e), sinh2t * n / sc)
         dc = dc + (grad_a * da_dc + grad_e * de_dc).sum()

@@ -41,7 +41,12 @@ def max_tangent_radius(dtype: torch.dtype) -> float:
 
 
 def manual_backward_enabled() -> bool:
-    """Whether the hand-written backward passes (default) are used instead of plain autograd."""
+    """Whether the hand-written backward passes and closed-form layer kernels are used (default).
+
+    ``False`` is the plain-autograd baseline: the ball operations differentiate through autograd
+    and the layers run as op-by-op chains of :mod:`poincare_resnet.ball` functions, as research
+    code does. Values are the same; graph size, memory and speed are not.
+    """
     return _manual_backward
 
 

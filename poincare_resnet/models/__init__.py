@@ -10,6 +10,14 @@ from .resnet import (
 )
 
 __all__ = [
-    "DEPTHS", "create_model", "list_models", "register_model", "resolve_model_name",
-    "EuclideanResNet", "HybridResNet", "PoincareBasicBlock", "PoincareResNet", "blocks_per_stage",
+    "DEPTHS",
+    "create_model",
+    "list_models",
+    "register_model",
+    "resolve_model_name",
+    "EuclideanResNet",
+    "HybridResNet",
+    "PoincareBasicBlock",
+    "PoincareResNet",
+    "blocks_per_stage",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .resnet import EuclideanResNet, HybridResNet, PoincareResNet
+from .resnet import EuclideanResNet, HybridResNet, PoincareResNet, blocks_per_stage
 
 DEPTHS = (20, 32, 44, 56, 110)
 _FAMILIES: dict[str, type[nn.Module]] = {
@@ -21,7 +21,9 @@ _FAMILIES: dict[str, type[nn.Module]] = {
     "hybrid": HybridResNet,
 }
 _OFFICIAL = {"hyperbolic": "poincare", "euclidean": "euclidean", "euclideanwhypclass": "hybrid"}
-_OFFICIAL_RE = re.compile(r"^(hyperbolic|euclidean|euclideanwhypclass)-(\d+)-(\d+)-(\d+)-resnet-(\d+)$")
+_OFFICIAL_RE = re.compile(
+    r"^(hyperbolic|euclidean|euclideanwhypclass)-(\d+)-(\d+)-(\d+)-resnet-(\d+)$"
+)
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
@@ -38,12 +40,17 @@ for _family, _cls in _FAMILIES.items():
         register_model(f"{_family}_resnet{_depth}", _cls, depth=_depth)
         register_model(f"{_family}_resnet{_depth}_w16", _cls, depth=_depth, widths=(16, 32, 64))
 for _depth in DEPTHS:
-    register_model(f"poincare_resnet{_depth}_nf", PoincareResNet, depth=_depth, norm="none",
-                   residual_scale="auto")
+    register_model(
+        f"poincare_resnet{_depth}_nf",
+        PoincareResNet,
+        depth=_depth,
+        norm="none",
+        residual_scale="auto",
+    )
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Registered names, optionally filtered by a shell-style ``pattern`` (e.g. ``"*resnet20*"``)."""
+    """Registered names, optionally filtered by a shell pattern (e.g. ``"*resnet20*"``)."""
     names = sorted(_REGISTRY)
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
@@ -57,10 +64,11 @@ def resolve_model_name(name: str) -> tuple[str, dict[str, Any]]:
         family = _OFFICIAL[m.group(1)]
         widths = (int(m.group(2)), int(m.group(3)), int(m.group(4)))
         depth = int(m.group(5))
+        blocks_per_stage(depth)  # raises for a depth that is not 6n+2
         base = f"{family}_resnet{depth}"
-        if base not in _REGISTRY:
-            register_model(base, _FAMILIES[family], depth=depth)
-        return base, {"widths": widths}
+        if base in _REGISTRY:
+            return base, {"widths": widths}
+        return f"{family}_resnet20", {"depth": depth, "widths": widths}
     close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown model {name!r}{hint} (see `poincare-resnet models`)")
@@ -73,7 +81,9 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs: 
     args = {**_DEFAULTS[base], **extra, **kwargs, "num_classes": num_classes, "in_chans": in_chans}
     model = _REGISTRY[base](**args)
     model.model_name = base
-    model.model_kwargs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in args.items()
-                          if k not in ("num_classes", "in_chans") and k not in _DEFAULTS[base]}
+    # what to pass to create_model(base, ...) to rebuild it: the name's own defaults are implied
+    model.model_kwargs = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in {**extra, **kwargs}.items()
+    }
     model.model_kwargs.update(num_classes=num_classes, in_chans=in_chans)
     return model

@@ -32,8 +32,9 @@ NORMS = ("batch", "none")
 def blocks_per_stage(depth: int) -> int:
     """``n`` for a depth ``6n + 2`` ResNet; raises ``ValueError`` otherwise."""
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"depth must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, …), "
-                         f"got {depth!r}")
+        raise ValueError(
+            f"depth must be 6n+2 with n ≥ 1 (8, 14, 20, 32, 44, 56, 110, …), got {depth!r}"
+        )
     return (depth - 2) // 6
 
 
@@ -56,8 +57,10 @@ class _ResNetBase(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__} expects images [B, {self.in_chans}, H, W], "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects images [B, {self.in_chans}, H, W], "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def forward_feature_map(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -150,20 +153,31 @@ class PoincareResNet(_ResNetBase):
         if residual_scale == "auto":
             residual_scale = 1.0 / math.sqrt(3 * n)
         if isinstance(residual_scale, str) and residual_scale != "learnable":
-            raise ValueError(f"residual_scale must be a float, 'auto' or 'learnable', got "
-                             f"{residual_scale!r}")
-        self.depth, self.widths, self.num_classes, self.in_chans = depth, widths, num_classes, in_chans
+            raise ValueError(
+                f"residual_scale must be a float, 'auto' or 'learnable', got {residual_scale!r}"
+            )
+        self.depth, self.widths, self.num_classes, self.in_chans = (
+            depth,
+            widths,
+            num_classes,
+            in_chans,
+        )
         self.curvature = Curvature(c, learnable=learnable_c)
         cur = self.curvature
 
         def make_norm(ch: int) -> nn.Module:
             if norm == "none":
                 return nn.Identity()
-            return PoincareBatchNorm2d(ch, c=cur, mean=bn_mean, momentum=bn_momentum,
-                                       eval_batch_stats=bn_eval_batch_stats)
+            return PoincareBatchNorm2d(
+                ch, c=cur, mean=bn_mean, momentum=bn_momentum, eval_batch_stats=bn_eval_batch_stats
+            )
 
-        opts = dict(init=init, make_norm=make_norm, residual_order=residual_order,
-                    residual_scale=residual_scale)
+        opts = dict(
+            init=init,
+            make_norm=make_norm,
+            residual_order=residual_order,
+            residual_scale=residual_scale,
+        )
         self.stem = nn.Sequential(
             PoincareConv2d(in_chans, widths[0], 3, padding=1, c=cur, init=init),
             make_norm(widths[0]),
@@ -225,7 +239,12 @@ class EuclideanResNet(_ResNetBase):
         super().__init__()
         n = blocks_per_stage(depth)
         widths = _check_widths(widths)
-        self.depth, self.widths, self.num_classes, self.in_chans = depth, widths, num_classes, in_chans
+        self.depth, self.widths, self.num_classes, self.in_chans = (
+            depth,
+            widths,
+            num_classes,
+            in_chans,
+        )
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),

@@ -79,10 +79,12 @@ def fused_batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_
 
 
 def _batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce):
-    if all_reduce is not None and torch.distributed.is_available() and \
-            torch.distributed.is_initialized():
-        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max,
-                                 all_reduce)
+    if (
+        all_reduce is not None
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+    ):
+        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce)
     return _bn_fused(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, None)
 
 
@@ -100,6 +102,6 @@ def fused_fc_tangent(dots, sq, znorm, bias, c, dim):
 
 
 def _fc_tangent(dots, sq, znorm, bias, c, dim):
-    if fusion_enabled() and not torch.compiler.is_compiling():
+    if fusion_enabled() and ball.manual_backward_enabled() and not torch.compiler.is_compiling():
         return _fc_fused(dots, sq, znorm, bias, c, dim)
     return ball.fc_tangent(dots, sq, znorm, bias, c=c, dim=dim)

@@ -88,59 +88,71 @@ def batchnorm_forward(
     b_alpha, _ = _radial(bt2, sc, t_max)
     beta = beta_t * b_alpha
     basis = torch.stack([mu, beta])  # [2, C]
-    proj = torch.einsum("bchw,kc->bkhw", v, basis)
-    pm, pb = proj[:, :1], proj[:, 1:]  # ⟨μ, v⟩, ⟨β, v⟩
     m2, b2, bm = mu.pow(2).sum(), beta.pow(2).sum(), (beta * mu).sum()
-
-    def quad(cm: Scalar, cv: Scalar, cb: Scalar) -> Tensor:
-        """``‖cm μ + cv v + cb β‖²`` from the Gram entries."""
-        return (cm * cm * m2 + cv * cv * n2 + cb * cb * b2
-                + 2 * (cm * cv * pm + cm * cb * bm + cv * cb * pb))
-
-    # m = (−μ) ⊕ x = a1 μ + a2 v   (projected)
-    xy = -ax * pm
-    big_a = 1 + 2 * c * xy + c * x2
+    # m = (−μ) ⊕ x = a1 μ + a2 v, formed explicitly (its norm by a Gram form would cancel
+    # catastrophically in float32 when x ≈ μ near the boundary), then projected
+    xy = -ax * torch.einsum("bchw,c->bhw", v, mu).unsqueeze(1)
     den = (1 + 2 * c * xy + c * c * m2 * x2).clamp_min(MIN_NORM)
-    a1 = -big_a / den
+    a1 = -(1 + 2 * c * xy + c * x2) / den
     a2 = (1 - c * m2) * ax / den
-    mn = quad(a1, a2, 0.0).clamp_min(MIN_NORM**2).sqrt()
+    m = torch.addcmul(a1 * mu.view(1, -1, 1, 1), a2, v)
+    mn = m.pow(2).sum(1, keepdim=True).clamp_min(MIN_NORM**2).sqrt()
     shrink = torch.where(mn > radius, radius / mn, torch.ones_like(mn))
-    a1, a2, mn = a1 * shrink, a2 * shrink, mn * shrink
+    mn = mn * shrink
     at = torch.atanh((sc * mn).clamp_max(s_max))  # d(x, μ) = 2 at / √c
     if var is None:
         d2 = (2 / sc * at).pow(2)
-        sums = torch.stack([d2.sum(), torch.full((), float(d2.numel()), dtype=d2.dtype,
-                                                 device=d2.device)])
+        sums = torch.stack(
+            [d2.sum(), torch.full((), float(d2.numel()), dtype=d2.dtype, device=d2.device)]
+        )
         if all_reduce is not None:
             sums = all_reduce(sums)
         var, count = sums[0] / sums[1], sums[1]
     r = weight.abs() / torch.sqrt(var + bn_eps)
-    s_w = torch.tanh(r * at) / (sc * mn)  # r ⊗ m = s_w m
-    b1, b2c = s_w * a1, s_w * a2  # w = b1 μ + b2c v
-    # gyr[β, −μ] w = w + 2(ga β − gb μ)/gd
-    uw = b1 * bm + b2c * pb
-    vw = -(b1 * m2 + b2c * pm)
+    # w = r ⊗ project(m) = s_w m  (s_w stays moderate: at ≈ √c‖m‖ for small m)
+    s_w = torch.tanh(r * at) / (sc * mn) * shrink
+    proj = torch.einsum("bchw,kc->bkhw", m, basis)
+    mm, mb = proj[:, :1], proj[:, 1:]  # ⟨μ, m⟩, ⟨β, m⟩
+    mnn = mn * mn / (shrink * shrink)  # ‖m‖² before the projection
+
+    def quad(cm: Scalar, cw: Scalar, cb: Scalar) -> Tensor:
+        """``‖cm μ + cw m + cb β‖²`` from the Gram entries."""
+        return (
+            cm * cm * m2
+            + cw * cw * mnn
+            + cb * cb * b2
+            + 2 * (cm * cw * mm + cm * cb * bm + cw * cb * mb)
+        )
+
+    # gyr[β, −μ] w = w + 2(ga β − gb μ)/gd  with u = β, v = −μ
+    uw = s_w * mb
+    vw = -s_w * mm
     uv = -bm
     c2 = c * c
     ga = -c2 * uw * m2 + c * vw + 2 * c2 * uv * vw
     gb = -c2 * vw * b2 - c * uw
     gd = (1 + 2 * c * uv + c2 * b2 * m2).clamp_min(MIN_NORM)
-    e_mu, e_v, e_b = b1 - 2 * gb / gd, b2c, 2 * ga / gd
+    e_mu, e_w, e_b = -2 * gb / gd, s_w, 2 * ga / gd  # w' = e_mu μ + e_w m + e_b β
     # β ⊕ w'
-    bw = e_mu * bm + e_v * pb + e_b * b2
-    w2 = quad(e_mu, e_v, e_b)
+    bw = e_mu * bm + e_w * mb + e_b * b2
+    w2 = quad(e_mu, e_w, e_b)
     big_a2 = 1 + 2 * c * bw + c * w2
     big_b2 = 1 - c * b2
     den2 = (1 + 2 * c * bw + c2 * b2 * w2).clamp_min(MIN_NORM)
-    o_b, o_mu, o_v = (big_a2 + big_b2 * e_b) / den2, big_b2 * e_mu / den2, big_b2 * e_v / den2
-    lg = _logmap_scale(quad(o_mu, o_v, o_b), sc, s_max)
+    o_b, o_mu, o_w = (big_a2 + big_b2 * e_b) / den2, big_b2 * e_mu / den2, big_b2 * e_w / den2
+    lg = _logmap_scale(quad(o_mu, o_w, o_b), sc, s_max)
     coef = torch.cat([lg * o_mu, lg * o_b], dim=1)  # [B, 2, H, W]
-    out = torch.einsum("bkhw,kc->bchw", coef, basis).addcmul_(lg * o_v, v)
+    out = torch.einsum("bkhw,kc->bchw", coef, basis).addcmul_(lg * o_w, m)
     return out, mu, var, count
 
 
 def residual_forward(
-    f: Tensor, res: Tensor, alpha: Scalar | None, c: Scalar, proj_eps: float, t_max: float,
+    f: Tensor,
+    res: Tensor,
+    alpha: Scalar | None,
+    c: Scalar,
+    proj_eps: float,
+    t_max: float,
     f_first: bool = True,
 ) -> Tensor:
     """``logmap0(expmap0(α f) ⊕ expmap0(res))`` (or ``res ⊕ f``) along dim 1, in closed form."""
@@ -161,6 +173,6 @@ def residual_forward(
     den = (1 + 2 * c * xfr + c * c * x2 * y2).clamp_min(MIN_NORM)
     cx, cy = big_a / den, big_b / den
     cf, cr = (cx * af, cy * ar) if f_first else (cy * af, cx * ar)
-    o2 = cf * cf * nf2 + cr * cr * nr2 + 2 * cf * cr * fr
-    lg = _logmap_scale(o2, sc, 1 - proj_eps)
-    return torch.addcmul((lg * cr) * res, lg * cf * a, f)
+    o = torch.addcmul(cr * res, cf * a, f)  # the ball point, formed explicitly
+    lg = _logmap_scale(o.pow(2).sum(1, keepdim=True), sc, 1 - proj_eps)
+    return o * lg

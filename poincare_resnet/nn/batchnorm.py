@@ -99,15 +99,17 @@ class PoincareBatchNorm2d(nn.Module):
     # --- forward ------------------------------------------------------------------------------
     def _check(self, u: Tensor) -> None:
         if u.dim() != 4 or u.shape[1] != self.num_features:
-            raise ValueError(f"PoincareBatchNorm2d expected input [B, {self.num_features}, H, W], "
-                             f"got shape {tuple(u.shape)}")
+            raise ValueError(
+                f"PoincareBatchNorm2d expected input [B, {self.num_features}, H, W], "
+                f"got shape {tuple(u.shape)}"
+            )
 
     def _use_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats or self.eval_batch_stats
 
     def forward(self, u: Tensor) -> Tensor:
         self._check(u)
-        if self.mean == "frechet":
+        if self.mean == "frechet" or not ball.manual_backward_enabled():
             return self._forward_reference(u)
         c = self.curvature()
         use_batch = self._use_batch_stats()
@@ -117,8 +119,17 @@ class PoincareBatchNorm2d(nn.Module):
             var = self.running_var.to(u.dtype)
         reduce = self._all_reduce if (use_batch and self.synchronized) else None
         out, mu, var, count = fused_batchnorm(
-            u, mu, self.bias, self.weight, var, c, self.eps, get_eps(u.dtype),
-            max_tangent_radius(u.dtype), reduce)
+            u,
+            mu,
+            self.bias,
+            self.weight,
+            var,
+            c,
+            self.eps,
+            get_eps(u.dtype),
+            max_tangent_radius(u.dtype),
+            reduce,
+        )
         if self.training and self.track_running_stats:
             self._update_running_stats(mu.view(1, -1, 1, 1), var, count, c)
         return out

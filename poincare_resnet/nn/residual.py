@@ -30,15 +30,16 @@ class PoincareResidual(nn.Module):
         self.dim = dim
 
     def forward(self, f: Tensor, res: Tensor, alpha: Tensor | float | None = None) -> Tensor:
-        if self.dim != 1:
+        if self.dim != 1 or not ball.manual_backward_enabled():
             return self._forward_reference(f, res, alpha)
         if f.shape != res.shape:
             raise ValueError(
                 f"residual branch shape {tuple(f.shape)} != shortcut shape {tuple(res.shape)}"
             )
         c = self.curvature()
-        return fused_residual(f, res, alpha, c, get_eps(f.dtype), max_tangent_radius(f.dtype),
-                              self.order == "f+res")
+        return fused_residual(
+            f, res, alpha, c, get_eps(f.dtype), max_tangent_radius(f.dtype), self.order == "f+res"
+        )
 
     def _forward_reference(self, f: Tensor, res: Tensor, alpha=None) -> Tensor:
         """The same map as a chain of :mod:`poincare_resnet.ball` operations (for tests)."""

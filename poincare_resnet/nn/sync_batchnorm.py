@@ -39,8 +39,13 @@ def _convert_poincare(module: nn.Module) -> nn.Module:
     if isinstance(module, PoincareBatchNorm2d) and not isinstance(module, PoincareSyncBatchNorm2d):
         new = PoincareSyncBatchNorm2d.__new__(PoincareSyncBatchNorm2d)
         nn.Module.__init__(new)
-        new.__dict__.update({k: v for k, v in module.__dict__.items()
-                             if k not in ("_parameters", "_buffers", "_modules")})
+        new.__dict__.update(
+            {
+                k: v
+                for k, v in module.__dict__.items()
+                if k not in ("_parameters", "_buffers", "_modules")
+            }
+        )
         new._parameters = module._parameters
         new._buffers = module._buffers
         new._modules = module._modules

@@ -4,6 +4,13 @@ from .checkpoint import CheckpointError, CheckpointManager, load_checkpoint, sav
 from .trainer import NonFiniteError, RunDirError, TrainConfig, evaluate_split, train
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "load_checkpoint", "save_checkpoint",
-    "NonFiniteError", "RunDirError", "TrainConfig", "evaluate_split", "train",
+    "CheckpointError",
+    "CheckpointManager",
+    "load_checkpoint",
+    "save_checkpoint",
+    "NonFiniteError",
+    "RunDirError",
+    "TrainConfig",
+    "evaluate_split",
+    "train",
 ]

@@ -105,7 +105,10 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}"),
             (self.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {self.warmup_epochs}"),
-            (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}"),
+            (
+                0 < self.val_fraction < 1,
+                f"--val-fraction must be in (0, 1), got {self.val_fraction}",
+            ),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
@@ -141,20 +144,28 @@ def resolve_device(name: str) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - user code may use the global state
     torch.manual_seed(seed)
 
 
 def versions() -> dict[str, str]:
-    return {"poincare_resnet": __version__, "torch": torch.__version__,
-            "python": platform.python_version()}
+    return {
+        "poincare_resnet": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nesterov=cfg.momentum > 0,
+        )
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -201,16 +212,20 @@ def evaluate_split(
         xb = x[i : i + batch_size].to(device, dtype)
         with autocast_context(precision, device):
             logits = model(xb).float()
-        loss_sum += float(F.cross_entropy(logits, y[i : i + batch_size].to(device),
-                                          reduction="sum"))
+        loss_sum += float(
+            F.cross_entropy(logits, y[i : i + batch_size].to(device), reduction="sum")
+        )
         logits_all.append(logits.cpu())
     model.train(was_training)
     logits = torch.cat(logits_all)
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     hit = top.eq(y.view(-1, 1))
-    out: dict[str, Any] = {"loss": loss_sum / len(x), "top1": float(hit[:, :1].any(1).float().mean()),
-                           "top5": float(hit.any(1).float().mean())}
+    out: dict[str, Any] = {
+        "loss": loss_sum / len(x),
+        "top1": float(hit[:, :1].any(1).float().mean()),
+        "top5": float(hit.any(1).float().mean()),
+    }
     if return_logits:
         out["logits"] = logits
     return out
@@ -264,6 +279,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict[str, A
         for name in RUNTIME_OPTIONS:
             setattr(stored, name, getattr(cfg, name))
         cfg = stored
+        cfg.validate()
     else:
         cfg.validate()
         run = prepare_run_dir(cfg, None)
@@ -282,32 +298,48 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict[str, A
         cleanup_distributed()
 
 
-def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, info: DistInfo,
-           log) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, info: DistInfo, log
+) -> dict[str, Any]:
     main = info.is_main
     dtype = DTYPES[cfg.dtype]
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.limit_train)
     _check_finite_inputs(data)
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, num_classes=data.num_classes, in_chans=data.in_chans,
-                         **cfg.model_kwargs).to(device=device, dtype=dtype)
+    model = create_model(
+        cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_kwargs
+    ).to(device=device, dtype=dtype)
     if cfg.sync_bn and info.enabled:
         from ..nn.sync_batchnorm import convert_sync_batchnorm
 
         model = convert_sync_batchnorm(model)
     optimizer = build_optimizer(cfg, model)
     per_rank_batch = max(1, cfg.batch_size // info.world_size)
-    loader = TensorLoader(data.train_x, data.train_y, per_rank_batch, shuffle=True, seed=cfg.seed,
-                          augment=(data.crop_padding, data.hflip) if cfg.augment else None,
-                          rank=info.rank,
-                          world_size=info.world_size)
+    loader = TensorLoader(
+        data.train_x,
+        data.train_y,
+        per_rank_batch,
+        shuffle=True,
+        seed=cfg.seed,
+        augment=(data.crop_padding, data.hflip) if cfg.augment else None,
+        rank=info.rank,
+        world_size=info.world_size,
+    )
     steps_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch))
+        optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch)
+    )
     manager = CheckpointManager(run / "checkpoints", keep=cfg.keep_checkpoints)
 
-    state = {"epoch": 0, "step": 0, "best_val_top1": -1.0, "best_epoch": -1, "history": [],
-             "partial": [0.0, 0.0, 0.0], "lr_scale": 1.0}
+    state = {
+        "epoch": 0,
+        "step": 0,
+        "best_val_top1": -1.0,
+        "best_epoch": -1,
+        "history": [],
+        "partial": [0.0, 0.0, 0.0],
+        "lr_scale": 1.0,
+    }
     if resuming:
         ck = manager.latest_valid(log=log)
         if ck is not None:
@@ -318,8 +350,10 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
             state.update(ck.meta["train_state"])
             loader.load_state_dict(ck.meta["loader"])
             if main:
-                log(f"resumed {run} from {ck.path.name} (epoch {state['epoch']}, step "
-                    f"{state['step']})")
+                log(
+                    f"resumed {run} from {ck.path.name} (epoch {state['epoch']}, step "
+                    f"{state['step']})"
+                )
         elif main:
             log(f"no usable checkpoint in {run / 'checkpoints'}; starting from scratch")
     elif main:
@@ -332,24 +366,39 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
     train_model: nn.Module = model
     if info.enabled:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        train_model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True,
-                                                          **ddp_kwargs)
+        train_model = nn.parallel.DistributedDataParallel(
+            model, gradient_as_bucket_view=True, **ddp_kwargs
+        )
     if cfg.compile:
         train_model = torch.compile(train_model)
 
-    model_meta = {"model_name": model.model_name, "model_kwargs": model.model_kwargs,
-                  "dataset": data.name, "num_classes": data.num_classes,
-                  "in_chans": data.in_chans, "image_size": list(data.image_size),
-                  "class_names": list(data.class_names), "dtype": cfg.dtype,
-                  "versions": versions()}
+    model_meta = {
+        "model_name": model.model_name,
+        "model_kwargs": model.model_kwargs,
+        "dataset": data.name,
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "image_size": list(data.image_size),
+        "class_names": list(data.class_names),
+        "dtype": cfg.dtype,
+        "versions": versions(),
+    }
 
     def save_resume_checkpoint() -> None:
         if main:
-            manager.save(state["step"], model_state=model.state_dict(),
-                         optimizer_state=optimizer.state_dict(),
-                         scheduler_state=scheduler.state_dict(), rng_state=capture_rng_state(),
-                         meta={**model_meta, "train_state": state, "loader": loader.state_dict(),
-                               "config": dataclasses.asdict(cfg)})
+            manager.save(
+                state["step"],
+                model_state=model.state_dict(),
+                optimizer_state=optimizer.state_dict(),
+                scheduler_state=scheduler.state_dict(),
+                rng_state=capture_rng_state(),
+                meta={
+                    **model_meta,
+                    "train_state": state,
+                    "loader": loader.state_dict(),
+                    "config": dataclasses.asdict(cfg),
+                },
+            )
         barrier(info)
 
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -366,7 +415,7 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
 
     params = [p for p in model.parameters() if p.requires_grad]
     t_start = time.perf_counter()
-    stop = False
+    stop = bool(cfg.max_steps and state["step"] >= cfg.max_steps)
     while state["epoch"] < cfg.epochs and not stop:
         epoch = state["epoch"]
         loader.set_epoch(epoch)
@@ -377,6 +426,8 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
         for xb, yb in loader:
             xb = xb.to(device=device, dtype=dtype, non_blocking=True)
             yb = yb.to(device, non_blocking=True)
+            if cfg.nan_policy == "skip":  # a skipped step must not touch the BN statistics
+                buffers = [b.clone() for b in model.buffers()]
             with autocast_context(cfg.precision, device):
                 logits = train_model(xb).float()
             loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
@@ -386,18 +437,27 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
                 gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             else:
                 gnorm = torch.linalg.vector_norm(
-                    torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])))
+                    torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None]))
+                )
             step_bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
             if cfg.nan_policy == "skip":
                 if bool(all_reduce_sum(step_bad.to(torch.int32), info) > 0):  # one sync per step
+                    with torch.no_grad():
+                        for b, saved in zip(model.buffers(), buffers, strict=True):
+                            b.copy_(saved)
                     state["lr_scale"] *= 0.5
-                    for g in optimizer.param_groups:
-                        g["lr"] *= 0.5
-                    if main:
-                        log(f"skipped step {state['step']} (non-finite loss/gradient); "
-                            f"learning rate halved to {optimizer.param_groups[0]['lr']:.3g}")
                     scheduler.step()
+                    for g in optimizer.param_groups:
+                        g["lr"] *= state["lr_scale"]
+                    if main:
+                        log(
+                            f"skipped step {state['step']} (non-finite loss/gradient); "
+                            f"learning rate scaled by {state['lr_scale']:.3g} to "
+                            f"{optimizer.param_groups[0]['lr']:.3g}"
+                        )
                     state["step"] += 1
+                    if bar is not None:
+                        bar.update(1)
                     continue
             else:
                 bad |= step_bad
@@ -409,16 +469,22 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
             state["step"] += 1
             n = yb.shape[0]
             seen += n
-            sums += torch.stack([loss.detach().double() * n,
-                                 (logits.argmax(1) == yb).sum().double(),
-                                 torch.tensor(float(n), dtype=torch.float64, device=device)])
+            sums += torch.stack(
+                [
+                    loss.detach().double() * n,
+                    (logits.argmax(1) == yb).sum().double(),
+                    torch.tensor(float(n), dtype=torch.float64, device=device),
+                ]
+            )
             if state["step"] % cfg.log_every == 0:
                 check_finite(f"step {state['step']}")
                 if bar is not None:
                     s = _sums_to_float(sums)
-                    bar.set_postfix(loss=f"{s[0] / max(s[2], 1):.4f}",
-                                    acc=f"{s[1] / max(s[2], 1):.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
+                    bar.set_postfix(
+                        loss=f"{s[0] / max(s[2], 1):.4f}",
+                        acc=f"{s[1] / max(s[2], 1):.3f}",
+                        img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}",
+                    )
             if bar is not None:
                 bar.update(1)
             if cfg.ckpt_every_steps and state["step"] % cfg.ckpt_every_steps == 0:
@@ -437,12 +503,21 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
             break
         epoch_time = time.perf_counter() - t_epoch
         s = _sums_to_float(all_reduce_sum(sums, info))
-        val = evaluate_split(model, data.val_x, data.val_y, cfg.eval_batch_size, device,
-                             cfg.precision)
-        row = {"epoch": epoch + 1, "step": state["step"], "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": s[0] / max(s[2], 1), "train_top1": s[1] / max(s[2], 1),
-               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-               "epoch_time_s": epoch_time, "images_per_s": seen * info.world_size / epoch_time}
+        val = evaluate_split(
+            model, data.val_x, data.val_y, cfg.eval_batch_size, device, cfg.precision
+        )
+        row = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": s[0] / max(s[2], 1),
+            "train_top1": s[1] / max(s[2], 1),
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+            "epoch_time_s": epoch_time,
+            "images_per_s": seen * info.world_size / epoch_time,
+        }
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["partial"] = [0.0, 0.0, 0.0]
@@ -454,19 +529,31 @@ def _train(cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, in
             save_checkpoint(run / "last.safetensors", model_state=model.state_dict(), meta=meta)
             if improved:
                 save_checkpoint(run / "best.safetensors", model_state=model.state_dict(), meta=meta)
-            atomic_write_text(run / "metrics.jsonl",
-                              "".join(json.dumps(r) + "\n" for r in state["history"]))
-            log(f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
+            atomic_write_text(
+                run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state["history"])
+            )
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}  train_loss {row['train_loss']:.4f}  "
                 f"train_top1 {row['train_top1']:.4f}  val_top1 {val['top1']:.4f}  "
-                f"({epoch_time:.1f}s, {row['images_per_s']:.0f} img/s)")
+                f"({epoch_time:.1f}s, {row['images_per_s']:.0f} img/s)"
+            )
         save_resume_checkpoint()
 
     summary: dict[str, Any] = {}
     in_sync = ranks_in_sync(model, info) if info.enabled else None
     if state["epoch"] >= cfg.epochs and main:
-        summary = _finish(cfg, run, model, data, state, device, model_meta,
-                          time.perf_counter() - t_start, log,
-                          extra={"world_size": info.world_size, "ranks_in_sync": in_sync})
+        summary = _finish(
+            cfg,
+            run,
+            model,
+            data,
+            state,
+            device,
+            model_meta,
+            time.perf_counter() - t_start,
+            log,
+            extra={"world_size": info.world_size, "ranks_in_sync": in_sync},
+        )
     barrier(info)
     return summary
 
@@ -475,8 +562,13 @@ def ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
     """Whether every process holds bit-identical parameters and buffers (compared to rank 0)."""
     import torch.distributed as dist
 
-    flat = torch.cat([t.detach().double().flatten() for t in model.state_dict().values()
-                      if t.is_floating_point()])
+    flat = torch.cat(
+        [
+            t.detach().double().flatten()
+            for t in model.state_dict().values()
+            if t.is_floating_point()
+        ]
+    )
     ref = flat.clone()
     dist.broadcast(ref, src=0)
     mismatch = torch.tensor([float((ref != flat).sum())], device=flat.device)
@@ -496,12 +588,28 @@ def _progress(cfg: TrainConfig, main: bool, total: int, epoch: int, initial: int
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                leave=False, file=sys.stderr, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
-def _finish(cfg, run, model, data, state, device, model_meta, elapsed, log,
-            extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _finish(
+    cfg,
+    run,
+    model,
+    data,
+    state,
+    device,
+    model_meta,
+    elapsed,
+    log,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test set; write summary, curves and report."""
     from ..evaluation.plots import plot_training_curves
     from .checkpoint import load_checkpoint
@@ -509,31 +617,44 @@ def _finish(cfg, run, model, data, state, device, model_meta, elapsed, log,
     best_path = run / "best.safetensors"
     if best_path.exists():
         load_model_state(model, load_checkpoint(best_path).model_state, source=str(best_path))
-    test = evaluate_split(model, data.test_x, data.test_y, cfg.eval_batch_size, device,
-                          cfg.precision)
+    test = evaluate_split(
+        model, data.test_x, data.test_y, cfg.eval_batch_size, device, cfg.precision
+    )
     hist = state["history"]
     times = [r["epoch_time_s"] for r in hist]
     summary = {
-        "model": cfg.model, "dataset": cfg.dataset, "epochs": cfg.epochs,
-        "best_epoch": state["best_epoch"], "best_val_top1": state["best_val_top1"],
-        "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "epochs": cfg.epochs,
+        "best_epoch": state["best_epoch"],
+        "best_val_top1": state["best_val_top1"],
+        "test_top1": test["top1"],
+        "test_top5": test["top5"],
+        "test_loss": test["loss"],
         "final_train_top1": hist[-1]["train_top1"] if hist else None,
         "mean_epoch_time_s": float(np.mean(times)) if times else None,
-        "train_time_s": elapsed, "params": sum(p.numel() for p in model.parameters()),
-        "sizes": data.sizes(), "run_dir": str(run), "versions": versions(), **(extra or {}),
+        "train_time_s": elapsed,
+        "params": sum(p.numel() for p in model.parameters()),
+        "sizes": data.sizes(),
+        "run_dir": str(run),
+        "versions": versions(),
+        **(extra or {}),
     }
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
     plot_training_curves(hist, run / "training_curves.png")
     report = [
-        f"# {cfg.model} on {cfg.dataset}", "",
+        f"# {cfg.model} on {cfg.dataset}",
+        "",
         f"- test top-1: **{test['top1'] * 100:.2f} %** (top-5 {test['top5'] * 100:.2f} %), "
         f"best checkpoint from epoch {state['best_epoch']} (val top-1 "
         f"{state['best_val_top1'] * 100:.2f} %)",
         f"- {cfg.epochs} epochs, mean epoch time {summary['mean_epoch_time_s']:.1f} s, "
         f"{summary['params']} parameters",
         f"- optimizer {cfg.optimizer}, lr {cfg.lr}, schedule {cfg.schedule}, batch "
-        f"{cfg.batch_size}, seed {cfg.seed}", "",
-        "![training curves](training_curves.png)", "",
+        f"{cfg.batch_size}, seed {cfg.seed}",
+        "",
+        "![training curves](training_curves.png)",
+        "",
     ]
     atomic_write_text(run / "report.md", "\n".join(report))
     log(f"test top-1 {test['top1'] * 100:.2f} %  (top-5 {test['top5'] * 100:.2f} %)  -> {run}")

@@ -1,0 +1,226 @@
+"""Poincaré vs Euclidean ResNet: eval forward, full train step and peak memory, in one run.
+
+Each (model, mode) is measured in its own fresh process (so peak memory and caches don't leak
+between them): Adam, cross-entropy, random CIFAR-shaped data, warm-up steps excluded, the median
+of ``--repeats`` timed steps. Peak memory on CPU is the growth of the process's maximum resident
+set size (``ru_maxrss``) over the baseline taken after the model and data exist; on CUDA it is
+``torch.cuda.max_memory_allocated`` and times use CUDA events.
+
+    python benchmarks/train_step.py            # ResNet-20/32, widths 8-16-32 and 16-32-64
+    python benchmarks/train_step.py --depths 20 --widths 8-16-32 --no-compile --repeats 5
+
+Run it alone: another busy process on the same cores distorts every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def _child(args: argparse.Namespace) -> None:
+    import torch
+
+    from poincare_resnet import create_model
+    from poincare_resnet.nn import _fusion
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.fusion is not None:
+        _fusion.set_fusion(args.fusion == "on")
+    widths = tuple(int(w) for w in args.w.split("-"))
+    model = create_model(
+        f"{args.family}_resnet{args.depth}", num_classes=10, in_chans=3, widths=widths
+    ).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(args.batch, 3, 32, 32, generator=gen) * 2 - 1).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    run_model = torch.compile(model) if args.mode == "compile" else model
+
+    def train_step() -> None:
+        loss = torch.nn.functional.cross_entropy(run_model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def eval_step() -> None:
+        with torch.no_grad():
+            run_model(x)
+
+    def timed(fn, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                out.append(start.elapsed_time(end) / 1000)
+            else:
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+        return out
+
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    t0 = time.perf_counter()
+    timed(train_step, args.warmup)
+    warm_s = time.perf_counter() - t0
+    train = timed(train_step, args.repeats)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    model.eval()
+    timed(eval_step, args.warmup)
+    forward = timed(eval_step, args.repeats)
+    print(
+        json.dumps(
+            {
+                "train_ms": statistics.median(train) * 1000,
+                "forward_ms": statistics.median(forward) * 1000,
+                "peak_mib": peak,
+                "warmup_s": warm_s,
+            }
+        )
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--depths", default="20,32")
+    p.add_argument("--widths", default="8-16-32,16-32-64")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--modes", default="eager,compile")
+    p.add_argument("--no-compile", action="store_true", help="eager mode only")
+    p.add_argument(
+        "--fusion",
+        choices=("on", "off"),
+        default=None,
+        help="force the eager-mode kernel fusion on/off (default: library default)",
+    )
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    # child-process arguments
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--family", help=argparse.SUPPRESS)
+    p.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--w", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        _child(args)
+        return
+    modes = ["eager"] if args.no_compile else args.modes.split(",")
+    rows = []
+    for depth in [int(d) for d in args.depths.split(",")]:
+        for widths in args.widths.split(","):
+            for mode in modes:
+                res = {}
+                for family in ("euclidean", "poincare"):
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        "--family",
+                        family,
+                        "--depth",
+                        str(depth),
+                        "--w",
+                        widths,
+                        "--mode",
+                        mode,
+                        "--batch",
+                        str(args.batch),
+                        "--repeats",
+                        str(args.repeats),
+                        "--warmup",
+                        str(args.warmup),
+                        "--threads",
+                        str(args.threads),
+                        "--device",
+                        args.device,
+                    ]
+                    if args.fusion:
+                        cmd += ["--fusion", args.fusion]
+                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if out.returncode != 0:
+                        sys.exit(f"{family} {depth} {widths} {mode} failed:\n{out.stderr[-3000:]}")
+                    res[family] = json.loads(out.stdout.strip().splitlines()[-1])
+                e, h = res["euclidean"], res["poincare"]
+                row = {
+                    "model": f"ResNet-{depth} ({widths})",
+                    "mode": mode,
+                    "eucl_train_ms": e["train_ms"],
+                    "poinc_train_ms": h["train_ms"],
+                    "train_ratio": h["train_ms"] / e["train_ms"],
+                    "eucl_fwd_ms": e["forward_ms"],
+                    "poinc_fwd_ms": h["forward_ms"],
+                    "fwd_ratio": h["forward_ms"] / e["forward_ms"],
+                    "eucl_peak_mib": e["peak_mib"],
+                    "poinc_peak_mib": h["peak_mib"],
+                    "mem_ratio": h["peak_mib"] / max(e["peak_mib"], 1e-9),
+                }
+                rows.append(row)
+                print(_fmt_row(row), flush=True)
+    print()
+    print(_table(rows, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _fmt_row(r: dict) -> str:
+    return (
+        f"{r['model']:<22} {r['mode']:<8} train {r['eucl_train_ms']:7.1f} / "
+        f"{r['poinc_train_ms']:7.1f} ms ({r['train_ratio']:.2f}x)  fwd {r['eucl_fwd_ms']:6.1f} / "
+        f"{r['poinc_fwd_ms']:6.1f} ms ({r['fwd_ratio']:.2f}x)  peak {r['eucl_peak_mib']:6.0f} / "
+        f"{r['poinc_peak_mib']:6.0f} MiB ({r['mem_ratio']:.2f}x)"
+    )
+
+
+def _table(rows: list[dict], args) -> str:
+    head = (
+        f"batch {args.batch}, {args.threads} threads, device {args.device}, medians of "
+        f"{args.repeats} steps after {args.warmup} warm-up steps\n\n"
+        "| model | mode | train step Eucl. / Poinc. (ms) | ratio | eval fwd Eucl. / Poinc. "
+        "(ms) | ratio | peak mem Eucl. / Poinc. (MiB) | ratio |\n|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['mode']} | "
+            f"{r['eucl_train_ms']:.0f} / {r['poinc_train_ms']:.0f} | "
+            f"{r['train_ratio']:.2f}× | {r['eucl_fwd_ms']:.1f} / {r['poinc_fwd_ms']:.1f} | "
+            f"{r['fwd_ratio']:.2f}× | {r['eucl_peak_mib']:.0f} / {r['poinc_peak_mib']:.0f} | "
+            f"{r['mem_ratio']:.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The ``ood``, ``attack`` and ``explain`` commands on trained checkpoints (CLI and Python API).
+
+Each loads a checkpoint (a ``.safetensors`` file or a run directory) with
+:func:`poincare_resnet.api.load_model`, takes the in-distribution data from the test split of
+the dataset it was trained on, returns table rows and, when ``out`` is given, writes the table
+(CSV + Markdown) and figures there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attacks import ATTACKS, PAPER_FGSM_EPS, robust_accuracy
+from .explain import grad_cam, input_saliency
+from .metrics import ood_roc_curve
+from .ood import OOD_SET_NAMES, SCORE_FUNCTIONS, collect_outputs, evaluate_ood, make_ood_sets
+from .plots import (
+    plot_accuracy_vs_eps,
+    plot_explanations,
+    plot_roc_curves,
+    plot_score_histograms,
+    write_table,
+)
+
+__all__ = [
+    "attack_rows",
+    "load_checkpoint_data",
+    "ood_scores_and_rows",
+    "resolve_ood_sets",
+    "run_attack",
+    "run_explain",
+    "run_ood",
+]
+
+
+def load_checkpoint_data(
+    checkpoint: str | Path,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    dataset: str | None = None,
+) -> tuple[nn.Module, dict[str, Any], Any]:
+    """``(model, meta, DatasetSplits)``: the checkpoint's model and the dataset it names."""
+    from ..api import load_model
+    from ..data import load_dataset
+
+    model, meta = load_model(checkpoint, device)
+    name = dataset or meta.get("dataset")
+    if not name:
+        raise ValueError(f"{checkpoint}: the checkpoint names no dataset; pass one explicitly")
+    data = load_dataset(name, data_dir)
+    expect = meta.get("model_kwargs", {}).get("in_chans", data.in_chans)
+    if data.in_chans != expect:
+        raise ValueError(f"dataset {name} has {data.in_chans} channels, the model expects {expect}")
+    return model, meta, data
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    p = next(iter(model.parameters()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def resolve_ood_sets(
+    names: Sequence[str],
+    in_x: torch.Tensor,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Each name is a builtin synthetic set (:data:`OOD_SET_NAMES`) or a path: a directory of
+    PNG/JPEG images or a CIFAR-format file, loaded at the shape of ``in_x`` ``[N, C, H, W]``."""
+    from ..data import load_images_dir
+
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name in OOD_SET_NAMES:
+            out[name] = make_ood_sets(in_x, [name], seed)[name]
+            continue
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ValueError(
+                f"OOD set {name!r} is neither a builtin set ({', '.join(OOD_SET_NAMES)}) nor an "
+                f"existing image directory / CIFAR-format file"
+            )
+        x = load_images_dir(path, tuple(in_x.shape[-2:]), int(in_x.shape[1]))
+        label = path.name or str(path)
+        while label in out:
+            label += "'"
+        out[label] = x.to(in_x.dtype)
+    return out
+
+
+class _Replay(nn.Module):
+    """Replays precomputed ``(logits, features)``: the input is a column of row indices. Lets
+    :func:`evaluate_ood` reuse outputs so that every image set goes through the network once."""
+
+    def __init__(self, logits: torch.Tensor, feats: torch.Tensor) -> None:
+        super().__init__()
+        self.logits, self.feats = logits, feats
+        self._idx = torch.zeros(0, dtype=torch.long)
+
+    def forward_features(self, idx: torch.Tensor) -> torch.Tensor:
+        self._idx = idx[:, 0].long()
+        return self.feats[self._idx]
+
+    def forward_head(self, _feats: torch.Tensor) -> torch.Tensor:
+        return self.logits[self._idx]
+
+
+def _index_column(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float64)[:, None]
+
+
+def ood_scores_and_rows(
+    model: nn.Module,
+    in_x: torch.Tensor,
+    ood_sets: Mapping[str, torch.Tensor],
+    scores: Sequence[str] = ("energy", "msp", "feature_norm"),
+    repeats: int = 5,
+    subsample: int | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]]]:
+    """OOD metric rows (as :func:`evaluate_ood`) and the raw scores
+    ``(rows, {score: in_scores}, {score: {set: out_scores}})``, one forward pass per set
+    (``device``: where the model runs, default that of its parameters)."""
+    for s in scores:
+        if s not in SCORE_FUNCTIONS:
+            raise ValueError(f"unknown OOD score {s!r}; choose from {sorted(SCORE_FUNCTIONS)}")
+    dtype = _model_dtype(model)
+    outputs = {"__in__": collect_outputs(model, in_x.to(dtype), batch_size, device)}
+    for name, x in ood_sets.items():
+        outputs[name] = collect_outputs(model, x.to(dtype), batch_size, device)
+    # one index space over all sets: the replay model looks rows up in the concatenation
+    names = list(outputs)
+    logits = torch.cat([outputs[k][0] for k in names])
+    feats = torch.cat([outputs[k][1] for k in names])
+    offsets, start = {}, 0
+    for k in names:
+        offsets[k] = start
+        start += len(outputs[k][0])
+    replay = _Replay(logits, feats)
+    idx = {k: _index_column(len(outputs[k][0])) + offsets[k] for k in names}
+    rows = evaluate_ood(
+        replay,
+        idx["__in__"],
+        {k: idx[k] for k in ood_sets},
+        scores,
+        repeats,
+        seed,
+        subsample,
+        batch_size=max(len(logits), 1),
+        device="cpu",
+    )
+    in_scores = {s: SCORE_FUNCTIONS[s](*outputs["__in__"]).double().numpy() for s in scores}
+    out_scores = {
+        s: {k: SCORE_FUNCTIONS[s](*outputs[k]).double().numpy() for k in ood_sets} for s in scores
+    }
+    return rows, in_scores, out_scores
+
+
+def run_ood(
+    checkpoint: str | Path,
+    ood_sets: Sequence[str],
+    data_dir: str | None = None,
+    out: str | Path | None = None,
+    scores: Sequence[str] = ("energy", "msp", "feature_norm"),
+    repeats: int = 5,
+    subsample: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dataset: str | None = None,
+    batch_size: int = 256,
+) -> list[dict[str, Any]]:
+    """OOD detection of a checkpoint: ID = its test set, OOD = builtin sets or image paths.
+
+    Writes ``ood.csv`` / ``ood.md``, ``roc_<score>.png`` and ``hist_<score>.png`` into ``out``.
+    """
+    if not ood_sets:
+        raise ValueError("give at least one OOD set")
+    model, meta, data = load_checkpoint_data(checkpoint, data_dir, device, dataset)
+    sets = resolve_ood_sets(ood_sets, data.test_x, seed)
+    rows, in_scores, out_scores = ood_scores_and_rows(
+        model, data.test_x, sets, scores, repeats, subsample, seed, batch_size
+    )
+    rows = [{"model": meta.get("model_name", ""), "dataset": data.name, **r} for r in rows]
+    if out is not None:
+        out = Path(out)
+        write_table(rows, out / "ood")
+        for s in scores:
+            curves = {k: ood_roc_curve(in_scores[s], v) for k, v in out_scores[s].items()}
+            plot_roc_curves(curves, out / f"roc_{s}.png", title=f"ROC, {s} (ID = {data.name})")
+            plot_score_histograms(in_scores[s], out_scores[s], out / f"hist_{s}.png", title=s)
+    return rows
+
+
+def attack_rows(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[str] = ("fgsm", "pgd"),
+    eps: Sequence[float] = PAPER_FGSM_EPS,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> list[dict[str, Any]]:
+    """Robust accuracy rows ``{attack, eps, eps_255, accuracy, clean_accuracy, ...}`` for every
+    attack and ε (``eps`` in [-1, 1] input units)."""
+    rows: list[dict[str, Any]] = []
+    x = x.to(_model_dtype(model))
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
+        kw: dict[str, Any] = {}
+        if name == "pgd":
+            gen = torch.Generator().manual_seed(seed)
+            kw = {
+                "steps": steps,
+                "step_size": step_size,
+                "random_start": random_start,
+                "generator": gen,
+            }
+        for r in robust_accuracy(model, x, y, name, eps, batch_size, device, **kw):
+            extra = {"steps": steps} if name == "pgd" else {}
+            rows.append({**r, **extra, "n": int(x.shape[0])})
+    return rows
+
+
+def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor:
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:limit].sort().values
+
+
+def run_attack(
+    checkpoint: str | Path,
+    attacks: Sequence[str] = ("fgsm", "pgd"),
+    eps: Sequence[float] = PAPER_FGSM_EPS,
+    steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    data_dir: str | None = None,
+    dataset: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[dict[str, Any]]:
+    """FGSM / PGD robust accuracy of a checkpoint on (a seeded subset of ``limit`` images of)
+    its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``."""
+    if not attacks:
+        raise ValueError("give at least one attack")
+    model, meta, data = load_checkpoint_data(checkpoint, data_dir, device, dataset)
+    idx = _subset(len(data.test_y), limit, seed)
+    rows = attack_rows(
+        model,
+        data.test_x[idx],
+        data.test_y[idx],
+        attacks,
+        eps,
+        steps,
+        step_size,
+        random_start,
+        seed,
+        batch_size,
+    )
+    rows = [{"model": meta.get("model_name", ""), "dataset": data.name, **r} for r in rows]
+    if out is not None:
+        out = Path(out)
+        write_table(rows, out / "attack")
+        plot_accuracy_vs_eps(
+            rows, out / "accuracy_vs_eps.png", title=f"Robust accuracy on {data.name}"
+        )
+    return rows
+
+
+def run_explain(
+    checkpoints: Sequence[str | Path],
+    images: int | Sequence[int] = 4,
+    out: str | Path | None = None,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    dataset: str | None = None,
+) -> list[dict[str, Any]]:
+    """Grad-CAM and input saliency of each checkpoint for a few test images (``images``: how
+    many from the start, or a list of test indices); all models side by side in
+    ``explanations.png``, predictions in ``explanations.csv`` / ``.md``."""
+    if isinstance(checkpoints, str | Path):
+        checkpoints = [checkpoints]
+    if not checkpoints:
+        raise ValueError("give at least one checkpoint")
+    loaded = []
+    data = None
+    for ck in checkpoints:
+        model, meta, d = load_checkpoint_data(ck, data_dir, device, dataset)
+        if data is None:
+            data = d
+        elif (d.name, d.in_chans, d.image_size) != (data.name, data.in_chans, data.image_size):
+            raise ValueError(
+                f"{ck} was trained on {d.name}, the first checkpoint on {data.name}; "
+                "explain compares models of one dataset"
+            )
+        loaded.append((str(ck), model, meta))
+    assert data is not None
+    n_test = len(data.test_y)
+    index = list(range(int(images))) if isinstance(images, int) else [int(i) for i in images]
+    if not index:
+        raise ValueError("give at least one image")
+    bad = [i for i in index if not 0 <= i < n_test]
+    if bad:
+        raise ValueError(f"image indices {bad} out of range: the test set has {n_test} images")
+    x = data.test_x[index]
+    y = data.test_y[index]
+    names = [meta.get("model_name", f"model{k}") for k, (_c, _m, meta) in enumerate(loaded)]
+    labels = [n if names.count(n) == 1 else f"{n} #{k + 1}" for k, n in enumerate(names)]
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    rows: list[dict[str, Any]] = []
+    for label, (ck, model, _meta) in zip(labels, loaded, strict=True):
+        dev = next(model.parameters()).device
+        xm = x.to(dev, _model_dtype(model))
+        maps[label] = (grad_cam(model, xm).cpu(), input_saliency(model, xm).cpu())
+        with torch.no_grad():
+            probs = torch.softmax(model(xm).float(), dim=1).cpu()
+        conf, pred = probs.max(dim=1)
+        for j, i in enumerate(index):
+            cls = data.class_names
+            rows.append(
+                {
+                    "model": label,
+                    "checkpoint": ck,
+                    "image": i,
+                    "label": cls[int(y[j])],
+                    "predicted": cls[int(pred[j])],
+                    "confidence": float(conf[j]),
+                    "correct": bool(pred[j] == y[j]),
+                }
+            )
+    if out is not None:
+        out = Path(out)
+        write_table(rows, out / "explanations")
+        plot_explanations(x, maps, out / "explanations.png")
+    return rows

@@ -1,0 +1,136 @@
+"""Helpers shared by the experiments: threads, option parsing, timing, figures, probes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Log = Callable[[str], None]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (``None``: unchanged), then restore."""
+    previous = torch.get_num_threads()
+    if threads:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def as_tuple(value: Any, cast: Callable[[Any], Any] = int) -> tuple:
+    """``"8,20,32"``, ``8`` or ``[8, 20]`` → a tuple of ``cast`` values."""
+    if isinstance(value, str):
+        items: Sequence[Any] = [v for v in value.replace(" ", "").split(",") if v]
+    elif isinstance(value, Sequence):
+        items = value
+    else:
+        items = [value]
+    try:
+        out = tuple(cast(v) for v in items)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot read {value!r} as a list: {e}") from e
+    if not out:
+        raise ValueError("expected at least one value")
+    return out
+
+
+def as_str_tuple(value: Any) -> tuple[str, ...]:
+    """``"a,b"`` or ``["a", "b"]`` → ``("a", "b")``."""
+    return as_tuple(value, str)
+
+
+def pick(value: Any, default: Any, tiny_default: Any, tiny: bool) -> Any:
+    """``value`` if given, else the tiny or the full default."""
+    if value is not None:
+        return value
+    return tiny_default if tiny else default
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    """Median wall time (``time.perf_counter``) of ``fn()`` over ``repeats`` calls, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_graph_nodes(grad_fn: Any) -> int:
+    """Number of autograd nodes reachable from ``grad_fn`` through ``next_functions``."""
+    seen: set[int] = set()
+    stack = [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(nxt for nxt, _ in getattr(node, "next_functions", ()))
+    return len(seen)
+
+
+def mean_tangent_norm(u: torch.Tensor, dim: int) -> float:
+    """Mean Euclidean norm of the tangent vectors of ``u`` along ``dim``."""
+    return float(torch.linalg.vector_norm(u.double(), dim=dim).mean())
+
+
+def new_figure(ncols: int = 1, size: tuple[float, float] = (5.0, 4.0)) -> tuple[Figure, list]:
+    """An off-screen figure with ``ncols`` axes side by side (pyplot is never touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * ncols, size[1]))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def run_probe(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """Run :mod:`poincare_resnet.experiments._probe` on ``spec`` in a fresh Python process
+    (so its peak-RSS measurement sees only that configuration) and return its JSON result."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    threads = spec.get("threads") or torch.get_num_threads()
+    env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "poincare_resnet.experiments._probe", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"memory probe {spec} timed out after {timeout} s") from e
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe {spec} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

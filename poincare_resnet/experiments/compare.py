@@ -1,0 +1,150 @@
+"""``compare``: Euclidean, hybrid and Poincaré ResNet-20 trained with one recipe, then test
+accuracy, epoch time, OOD detection (energy and feature-norm scores against synthetic sets) and
+FGSM / PGD robust accuracy on the paper's ε grid, side by side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..api import load_model
+from ..data import load_dataset
+from ..evaluation.attacks import PAPER_FGSM_EPS
+from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
+from ..evaluation.plots import plot_accuracy_vs_eps, write_table
+from ..training.trainer import NonFiniteError, TrainConfig, train
+from ._common import Log, as_str_tuple, as_tuple, pick, torch_threads, write_json
+
+SLUG = "compare"
+MODELS = ("euclidean_resnet20", "hybrid_resnet20", "poincare_resnet20")
+
+
+def _eps_key(eps: float) -> str:
+    return f"{eps * 255:g}"
+
+
+def run(
+    out_dir: str | Path,
+    tiny: bool = False,
+    *,
+    models: Any = MODELS,
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 1e-4,
+    limit_train: int | None = None,
+    ood_sets: Any = ("digits", "gaussian", "uniform"),
+    scores: Any = ("energy", "feature_norm"),
+    repeats: int | None = None,
+    attacks: Any = ("fgsm", "pgd"),
+    eps: Any = PAPER_FGSM_EPS,
+    pgd_steps: int | None = None,
+    attack_limit: int | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    device: str = "cpu",
+    log: Log = print,
+) -> list[dict[str, Any]]:
+    """Train every model of ``models`` with one recipe and evaluate it; one wide table row per
+    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``)."""
+    out = Path(out_dir)
+    models = as_str_tuple(models)
+    dataset = pick(dataset, "fashion-mnist", "digits", tiny)
+    epochs = int(pick(epochs, 5, 1, tiny))
+    batch_size = int(pick(batch_size, 128, 32, tiny))
+    limit_train = pick(limit_train, None, 64, tiny)
+    repeats = int(pick(repeats, 5, 1, tiny))
+    pgd_steps = int(pick(pgd_steps, 10, 2, tiny))
+    attack_limit = pick(attack_limit, 1000, 16, tiny)
+    ood_sets, scores, attacks = as_str_tuple(ood_sets), as_str_tuple(scores), as_str_tuple(attacks)
+    eps = as_tuple(eps, float)
+    data = load_dataset(dataset, data_dir)
+    test_x, test_y = data.test_x, data.test_y
+    sets = resolve_ood_sets(ood_sets, test_x, seed)
+    n_att = len(test_y) if attack_limit is None else min(int(attack_limit), len(test_y))
+    rows: list[dict[str, Any]] = []
+    all_attack_rows: list[dict[str, Any]] = []
+    all_ood_rows: list[dict[str, Any]] = []
+    with torch_threads(threads):
+        for name in models:
+            cfg = TrainConfig(
+                model=name,
+                dataset=dataset,
+                data_dir=data_dir,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                optimizer=optimizer,
+                weight_decay=weight_decay,
+                limit_train=limit_train,
+                seed=seed,
+                threads=threads,
+                device=device,
+                out=str(out / "runs" / name),
+                overwrite=True,
+                progress=False,
+            )
+            row: dict[str, Any] = {"model": name, "dataset": dataset, "epochs": epochs}
+            try:
+                summary = train(cfg, log=lambda _m: None)
+            except NonFiniteError as e:
+                log(f"compare: {name} diverged: {e}")
+                rows.append({**row, "error": "non-finite"})
+                continue
+            model, _meta = load_model(summary["run_dir"], device)
+            row.update(
+                params=summary["params"],
+                test_top1=summary["test_top1"],
+                mean_epoch_time_s=summary["mean_epoch_time_s"],
+            )
+            ood, _, _ = ood_scores_and_rows(model, test_x, sets, scores, repeats, seed=seed)
+            for r in ood:
+                all_ood_rows.append({"model": name, **r})
+                row[f"auroc_{r['score']}_{r['ood_set']}"] = r["auroc"]
+                row[f"fpr95_{r['score']}_{r['ood_set']}"] = r["fpr95"]
+            att = attack_rows(
+                model,
+                test_x[:n_att],
+                test_y[:n_att],
+                attacks,
+                eps,
+                pgd_steps,
+                seed=seed,
+            )
+            for r in att:
+                all_attack_rows.append({"model": name, **r})
+                row[f"{r['attack']}_acc_{_eps_key(r['eps'])}"] = r["accuracy"]
+            rows.append(row)
+            log(
+                f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
+                f"{row['mean_epoch_time_s']:.2f} s/epoch"
+            )
+    write_table(rows, out / SLUG)
+    if all_ood_rows:
+        write_table(all_ood_rows, out / f"{SLUG}_ood")
+    if all_attack_rows:
+        write_table(all_attack_rows, out / f"{SLUG}_attacks")
+        plot_accuracy_vs_eps(
+            all_attack_rows,
+            out / f"{SLUG}.png",
+            title=f"Robust accuracy on {dataset} ({n_att} test images)",
+        )
+    write_json(
+        out / f"{SLUG}_summary.json",
+        {
+            "recipe": {
+                "dataset": dataset,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "lr": lr,
+                "optimizer": optimizer,
+                "limit_train": limit_train,
+            },
+            "models": rows,
+        },
+    )
+    return rows
