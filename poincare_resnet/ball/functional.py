@@ -360,7 +360,7 @@ def _fc_tangent_ref(dots, sq, znorm, bias, c, dim):
     shape[dim] = -1
     two_sr = (2 * sc * bias).reshape(shape)
     q = torch.sinh(2 * tc) / n * dots * torch.cosh(two_sr) - torch.cosh(2 * tc) * torch.sinh(two_sr)
-    g = (2 * znorm.reshape(shape) * torch.asinh(q)).clamp(-F.FC_ARG_LIMIT, F.FC_ARG_LIMIT)
+    g = (2 * znorm.reshape(shape) * F.fast_asinh(q)).clamp(-F.FC_ARG_LIMIT, F.FC_ARG_LIMIT)
     psi = torch.sinh(g)
     p = _norm(psi, dim)
     rho = torch.asinh(p).clamp_max(2 * limit)
