@@ -164,20 +164,40 @@ class MobiusAdd(torch.autograd.Function):
             x, y = ctx.saved_tensors
             c = ctx.c
         dim = ctx.dim
-        xy, x2, y2, a, b, d, out = _mobius_terms(x, y, c, dim)
-        o2, clipped, scale = _projection_scale(out, c, dim)
-        # backward through the projection: p = s(o)·o, s = R/‖o‖ where clipped
-        g_po = (grad * out).sum(dim, keepdim=True)
-        g = scale * grad - torch.where(clipped, scale / o2, torch.zeros_like(o2)) * g_po * out
-        gx = (g * x).sum(dim, keepdim=True)
-        gy = (g * y).sum(dim, keepdim=True)
-        go = (g * out).sum(dim, keepdim=True)
+        # Everything below is per-point scalars except the five inner products and the final
+        # combinations grad_x = α₁G + α₂x + α₃y, grad_y = β₁G + β₂x + β₃y (out = (a x + b y)/d
+        # and the projection's correction are never formed as vectors).
+        xy = (x * y).sum(dim, keepdim=True)
+        x2 = x.pow(2).sum(dim, keepdim=True)
+        y2 = y.pow(2).sum(dim, keepdim=True)
+        gx0 = (grad * x).sum(dim, keepdim=True)
+        gy0 = (grad * y).sum(dim, keepdim=True)
+        a = 1 + 2 * c * xy + c * y2
+        b = 1 - c * x2
+        d = (1 + 2 * c * xy + c * c * x2 * y2).clamp_min(MIN_NORM)
+        o2 = ((a * a * x2 + 2 * a * b * xy + b * b * y2) / (d * d)).clamp_min(MIN_NORM**2)
+        o = o2.sqrt()
+        radius = (1 - get_eps(x.dtype)) / _sqrt(c)
+        clipped = o > radius
+        scale = torch.where(clipped, radius / o, torch.ones_like(o))
+        g_po = (a * gx0 + b * gy0) / d  # ⟨G, out⟩
+        # backward through the projection p = s(o)·o:  g = s G − k out,  k = s⟨G, out⟩/‖out‖²
+        k = torch.where(clipped, scale * g_po / o2, torch.zeros_like(o2))
+        kd = k / d
+        gx = scale * gx0 - kd * (a * x2 + b * xy)  # ⟨g, x⟩
+        gy = scale * gy0 - kd * (a * xy + b * y2)  # ⟨g, y⟩
+        go = (a * gx + b * gy) / d  # ⟨g, out⟩
+        two_c = 2 * c
         grad_x = grad_y = grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_x = (a * g + (2 * c) * (gx * y - gy * x) - go * (2 * c) * (y + c * y2 * x)) / d
+            cx = (-a * kd * a - two_c * gy - two_c * c * go * y2) / d
+            cy = (-a * kd * b + two_c * gx - two_c * go) / d
+            grad_x = torch.addcmul(torch.addcmul(grad * (a * scale / d), cx, x), cy, y)
             grad_x = grad_x.sum_to_size(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_y = (b * g + (2 * c) * gx * (x + y) - go * (2 * c) * (x + c * x2 * y)) / d
+            cx = (-b * kd * a + two_c * gx - two_c * go) / d
+            cy = (-b * kd * b + two_c * gx - two_c * c * go * x2) / d
+            grad_y = torch.addcmul(torch.addcmul(grad * (b * scale / d), cx, x), cy, y)
             grad_y = grad_y.sum_to_size(ctx.y_shape)
         if ctx.c_is_tensor and ctx.needs_input_grad[2]:
             dc = (gx * (2 * xy + y2) - gy * x2 - go * (2 * xy + 2 * c * x2 * y2)) / d
