@@ -30,8 +30,10 @@ COMMON = [
     "--no-progress",
     "--threads",
     "1",
+    "--optimizer",  # SGD, not Adam: Adam normalises near-zero gradients, which turns the
+    "sgd",  # rounding differences of 2-process reductions into whole learning-rate steps
     "--lr",
-    "3e-3",
+    "0.05",
     "--seed",
     "3",
 ]
@@ -86,10 +88,9 @@ def test_sync_bn_matches_single_process_with_same_global_batch(runs):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
     w1 = load_checkpoint(single / "last.safetensors").model_state
     w2 = load_checkpoint(multi / "last.safetensors").model_state
-    # Adam normalises tiny gradients, so rounding differences become parameter differences of a
-    # fraction of one step (lr 3e-3): measured ≤ 8.2e-5 after 4 steps; tolerance 2e-4
+    # only reduction order differs: float32 rounding, tolerance 1e-5
     for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=2e-4, msg=k)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_only_rank0_wrote_files(runs):
