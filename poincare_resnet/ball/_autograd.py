@@ -212,25 +212,48 @@ class MobiusAdd(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fc_forward_terms(dots, sq, znorm, bias, c, dim):
-    """Intermediate terms of the tangent-form FC map (see :class:`FullyConnectedTangent`)."""
-    dtype = dots.dtype
+def _fc_input_terms(dots, sq, znorm, bias, c, dim):
+    """Per-position and per-feature terms of the tangent FC map: ``(sc, n, clipped_in, small, t2,
+    sinh2t, a, e, zn, ch, sh)`` with ``a = sinh(2t)/‖p‖``, ``e = cosh(2t)``, ``ch, sh =
+    cosh, sinh(2√c r)`` shaped to broadcast along ``dim``."""
     sc = _sqrt(c)
-    limit = max_tangent_radius(dtype)
+    limit = max_tangent_radius(dots.dtype)
     n = sq.clamp_min(MIN_NORM**2).sqrt()
     t = sc * n
     clipped_in = t > limit
     tc = t.clamp_max(limit)
-    small = t < _small(dtype)
+    small = t < _small(dots.dtype)
     t2 = t * t
     sinh2t = torch.sinh(2 * tc)
     a = torch.where(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
     e = torch.cosh(2 * tc)
     shape = [1] * dots.dim()
     shape[dim] = -1
-    zn = znorm.reshape(shape)
     two_sr = 2 * sc * bias.reshape(shape)
-    ch, sh = torch.cosh(two_sr), torch.sinh(two_sr)
+    return (
+        sc,
+        n,
+        clipped_in,
+        small,
+        t2,
+        sinh2t,
+        a,
+        e,
+        znorm.reshape(shape),
+        torch.cosh(two_sr),
+        torch.sinh(two_sr),
+    )
+
+
+def _fc_forward_terms(dots, sq, znorm, bias, c, dim):
+    """Intermediate terms of the tangent-form FC map (see :class:`FullyConnectedTangent`)."""
+    dtype = dots.dtype
+    limit = max_tangent_radius(dtype)
+    sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
+        dots, sq, znorm, bias, c, dim
+    )
+    t = sc * n
+    tc = t.clamp_max(limit)
     q = a * dots * ch - e * sh
     h = fast_asinh(q)
     g_raw = 2 * zn * h
@@ -314,25 +337,11 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     """Backward of :class:`FullyConnectedTangent`: recomputes the forward terms in order and
     drops each full-size tensor as soon as it is used, so at most a few are alive at once."""
     dtype = dots.dtype
-    sc = _sqrt(c)
-    c_val = sc * sc
     limit = max_tangent_radius(dtype)
-    # per-position scalars (size 1 along dim)
-    n = sq.clamp_min(MIN_NORM**2).sqrt()
-    t = sc * n
-    clipped_in = t > limit
-    tc = t.clamp_max(limit)
-    small = t < _small(dtype)
-    t2 = t * t
-    sinh2t = torch.sinh(2 * tc)
-    a = torch.where(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
-    e = torch.cosh(2 * tc)
-    # per-feature constants
-    shape = [1] * dots.dim()
-    shape[dim] = -1
-    zn = znorm.reshape(shape)
-    two_sr = 2 * sc * bias.reshape(shape)
-    ch, sh = torch.cosh(two_sr), torch.sinh(two_sr)
+    sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
+        dots, sq, znorm, bias, c, dim
+    )
+    c_val = sc * sc
     reduce_dims = [i for i in range(dots.dim()) if i != dim % dots.dim()]
 
     def per_feature(x: Tensor) -> Tensor:

@@ -53,9 +53,10 @@ __all__ = [
 def check_curvature(c: Curvature, like: Tensor | None = None) -> Curvature:
     """Validate ``c`` (finite, > 0) and return it as a float or a tensor of ``like``'s dtype.
 
-    A tensor ``c`` must be a scalar. Its value is only checked on the CPU (a check of a GPU
-    tensor would synchronise with the host); learnable curvatures are kept positive by
-    construction (softplus) in :mod:`poincare_resnet.nn`.
+    A tensor ``c`` must be a scalar. Its value is checked only for CPU tensors that do not
+    require grad: reading a GPU tensor would synchronise with the host, and a learnable
+    curvature (:class:`poincare_resnet.nn.Curvature`) is positive by construction (softplus),
+    so hot paths never read it back.
     """
     if isinstance(c, Tensor):
         if c.numel() != 1:
@@ -64,6 +65,7 @@ def check_curvature(c: Curvature, like: Tensor | None = None) -> Curvature:
             )
         if (
             c.device.type == "cpu"
+            and not c.requires_grad
             and not torch.compiler.is_compiling()
             and not (math.isfinite(float(c.detach())) and float(c.detach()) > 0)
         ):

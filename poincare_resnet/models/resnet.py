@@ -38,6 +38,19 @@ def blocks_per_stage(depth: int) -> int:
     return (depth - 2) // 6
 
 
+def _make_stages(widths, n: int, block) -> list[nn.Sequential]:
+    """Three stages of ``n`` blocks ``block(c_in, c_out, stride)``; the first block of stages 2
+    and 3 has stride 2."""
+    stages, cin = [], widths[0]
+    for i, w in enumerate(widths):
+        blocks = []
+        for j in range(n):
+            blocks.append(block(cin, w, 2 if (i > 0 and j == 0) else 1))
+            cin = w
+        stages.append(nn.Sequential(*blocks))
+    return stages
+
+
 def _check_widths(widths) -> tuple[int, int, int]:
     widths = tuple(int(w) for w in widths)
     if len(widths) != 3 or min(widths) < 1:
@@ -183,15 +196,9 @@ class PoincareResNet(_ResNetBase):
             make_norm(widths[0]),
             TangentReLU(),
         )
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            blocks = []
-            for j in range(n):
-                stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(PoincareBasicBlock(cin, w, stride, cur, opts))
-                cin = w
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = _make_stages(
+            widths, n, lambda cin, w, stride: PoincareBasicBlock(cin, w, stride, cur, opts)
+        )
         self.pool = PoincareGlobalAvgPool2d(pool, c=cur)
         self.fc = PoincareLinear(widths[2], num_classes, c=cur, init=init)
 
@@ -250,14 +257,7 @@ class EuclideanResNet(_ResNetBase):
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        stages, cin = [], widths[0]
-        for i, w in enumerate(widths):
-            blocks = []
-            for j in range(n):
-                blocks.append(EuclideanBasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = _make_stages(widths, n, EuclideanBasicBlock)
         self.pool = _GlobalAvgPool()
         self.fc = head if head is not None else nn.Linear(widths[2], num_classes)
         for m in self.modules():
