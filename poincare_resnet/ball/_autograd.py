@@ -309,6 +309,9 @@ class FullyConnectedTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(dots, sq, znorm, bias, c, dim):  # type: ignore[override]
+        native = _fc_native(dots, c, dim)
+        if native is not None:
+            return _fc_native_forward(native, dots, sq, znorm, bias, c, dim)
         terms = _fc_forward_terms(dots, sq, znorm, bias, c, dim)
         return terms["kappa"] * terms["psi"]
 
@@ -330,7 +333,104 @@ class FullyConnectedTangent(torch.autograd.Function):
         else:
             dots, sq, znorm, bias = ctx.saved_tensors
             c = ctx.c
+        native = _fc_native(dots, c, ctx.dim)
+        if native is not None:
+            return _fc_native_backward(
+                native, grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad
+            )
         return _fc_backward(grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad)
+
+
+def _fc_native(dots: Tensor, c, dim: int):
+    """The native ops (:mod:`poincare_resnet._cpp.fc_ops`) when they apply: CPU maps along
+    dim 1 of a ≥3-D tensor, float32/float64, fixed curvature. Under ``torch.compile`` they are
+    used when already built in this process (an eager call builds them)."""
+    if (
+        isinstance(c, Tensor)
+        or dots.device.type != "cpu"
+        or dots.dim() < 3
+        or dim % dots.dim() != 1
+        or dots.dtype not in (torch.float32, torch.float64)
+    ):
+        return None
+    from .. import _cpp
+
+    if torch.compiler.is_compiling():
+        available = _cpp.kernel_loaded("fc")
+    else:
+        available = _cpp.load_kernel("fc") is not None
+    if not available:
+        return None
+    from .._cpp import fc_ops
+
+    return fc_ops
+
+
+def _fc_native_args(dots, sq, znorm, bias, c, dim):
+    sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
+        dots, sq, znorm, bias, c, dim
+    )
+    b, k = dots.shape[0], dots.shape[1]
+    flat = (
+        dots.reshape(b, k, -1).contiguous(),
+        a.expand(sq.shape).reshape(b, -1),
+        e.expand(sq.shape).reshape(b, -1),
+        ch.reshape(-1),
+        sh.reshape(-1),
+        (2 * zn).reshape(-1),
+    )
+    limits = (
+        float(sc),
+        FC_ARG_LIMIT,
+        2 * max_tangent_radius(dots.dtype),
+        _small(dots.dtype),
+        MIN_NORM,
+    )
+    return flat, limits, (sc, n, clipped_in, small, t2, sinh2t, a, e)
+
+
+def _fc_native_forward(native, dots, sq, znorm, bias, c, dim):
+    flat, limits, _ = _fc_native_args(dots, sq, znorm, bias, c, dim)
+    return native.fc_forward(*flat, *limits).view(dots.shape)
+
+
+def _fc_native_backward(native, grad, dots, sq, znorm, bias, c, dim, needs):
+    """Backward of the FC map with the full-size work in one native kernel."""
+    flat, limits, pixel = _fc_native_args(dots, sq, znorm, bias, c, dim)
+    b, k = dots.shape[0], dots.shape[1]
+    grad_dots, grad_a, grad_e, chan = native.fc_backward(
+        grad.reshape(b, k, -1), *flat, *limits, bool(needs[0])
+    )
+    grad_dots = grad_dots.view(dots.shape) if needs[0] else None
+    grad_znorm = 2 * chan[0] if needs[2] else None
+    grad_a, grad_e = grad_a.view(sq.shape), grad_e.view(sq.shape)
+    grad_sq, grad_bias = _fc_small_backward(grad_a, grad_e, chan[1], chan[2], bias, *pixel, needs)
+    return grad_dots, grad_sq, grad_znorm, grad_bias, None, None
+
+
+def _fc_small_backward(
+    grad_a, grad_e, grad_ch, grad_sh, bias, sc, n, clipped_in, small, t2, sinh2t, a, e, needs
+):
+    """Gradients of ``sq`` and ``bias`` from those of the per-pixel terms a = sinh(2t)/n,
+    e = cosh(2t) and of the per-feature terms cosh(2√c r), sinh(2√c r)."""
+    c_val = sc * sc
+    two_sc = 2 * sc
+    grad_bias = None
+    if needs[3]:
+        ch_k, sh_k = torch.cosh(two_sc * bias), torch.sinh(two_sc * bias)
+        grad_bias = (grad_ch * sh_k + grad_sh * ch_k) * two_sc
+    grad_sq = None
+    if needs[1]:
+        da_dsq = torch.where(
+            small,
+            (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
+            (2 * sc * n * e - sinh2t) / (2 * n * n * n),
+        )
+        de_dsq = torch.where(small, c_val * (2 + 4 * t2 / 3), sc * sinh2t / n)
+        da_dsq = torch.where(clipped_in, -a / (2 * n * n), da_dsq)
+        de_dsq = torch.where(clipped_in, torch.zeros_like(de_dsq), de_dsq)
+        grad_sq = grad_a * da_dsq + grad_e * de_dsq
+    return grad_sq, grad_bias
 
 
 def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
@@ -341,7 +441,6 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
         dots, sq, znorm, bias, c, dim
     )
-    c_val = sc * sc
     reduce_dims = [i for i in range(dots.dim()) if i != dim % dots.dim()]
 
     def per_feature(x: Tensor) -> Tensor:
@@ -389,19 +488,9 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     grad_sh = -per_feature(grad_q * e)  # ∂L/∂sinh(2√c r)
     grad_e = -(grad_q * sh).sum(dim, keepdim=True)
     del grad_q
-    two_sc = 2 * sc
-    ch_k, sh_k = torch.cosh(two_sc * bias), torch.sinh(two_sc * bias)
-    grad_bias = (grad_ch * sh_k + grad_sh * ch_k) * two_sc if needs[3] else None
-    # a(n) = sinh(2t)/n, e(n) = cosh(2t) with n = √sq
-    da_dsq = torch.where(
-        small,
-        (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
-        (2 * sc * n * e - sinh2t) / (2 * n * n * n),
+    grad_sq, grad_bias = _fc_small_backward(
+        grad_a, grad_e, grad_ch, grad_sh, bias, sc, n, clipped_in, small, t2, sinh2t, a, e, needs
     )
-    de_dsq = torch.where(small, c_val * (2 + 4 * t2 / 3), sc * sinh2t / n)
-    da_dsq = torch.where(clipped_in, -a / (2 * n * n), da_dsq)
-    de_dsq = torch.where(clipped_in, torch.zeros_like(de_dsq), de_dsq)
-    grad_sq = grad_a * da_dsq + grad_e * de_dsq if needs[1] else None
     grad_c = None
     if isinstance(c, Tensor) and needs[4]:
         # explicit c-dependence: κ ∝ 1/√c; a, e through t = √c n; cosh/sinh(2√c r).
@@ -409,6 +498,7 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
         da_dc = torch.where(clipped_in, torch.zeros_like(a), e / sc)
         de_dc = torch.where(clipped_in, torch.zeros_like(e), sinh2t * n / sc)
         dc = dc + (grad_a * da_dc + grad_e * de_dc).sum()
+        ch_k, sh_k = torch.cosh(2 * sc * bias), torch.sinh(2 * sc * bias)
         dc = dc + ((grad_ch * sh_k + grad_sh * ch_k) * bias / sc).sum()
         grad_c = dc.reshape(c.shape)
     return grad_dots, grad_sq, grad_znorm, grad_bias, grad_c, None

@@ -54,7 +54,7 @@ class PoincareConv2d(_PoincareFCBase):
             )
         zhat, znorm = self._unit_weight()
         s = self.scale
-        dots = F.conv2d(u, zhat, None, self.stride, self.padding) * s
+        dots = F.conv2d(u, zhat * s, None, self.stride, self.padding)  # s folded into the kernel
         kh, kw = self.kernel_size
         sq = u.pow(2).sum(1, keepdim=True)
         ph, pw = self.padding

@@ -1,0 +1,98 @@
+"""Native CPU kernels: fused, vectorised loops for the element-wise hyperbolic layer maths.
+
+Eager PyTorch runs each element-wise operation as its own pass over memory; a Poincaré layer's
+tangent maths is ~50 of them. The kernels here (C++ with ATen's SIMD ``Vectorized`` types and
+SLEEF transcendental functions, parallel over batch and pixel blocks) do the work of one layer in
+two or three passes over its activations. They are compiled on first use with
+:func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ``ninja``; the build is cached
+in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the SIMD level that
+PyTorch itself detected. When they cannot be built, or with ``POINCARE_RESNET_NATIVE=0``, the
+layers use their pure-PyTorch closed forms, which compute the same values (the tests compare
+both).
+
+Why not ``torch.compile``: on CPU, inductor's code for these layers (channel reductions in NCHW
+next to transcendental chains) measured slower than the hand-written backward passes here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_modules: dict[str, ModuleType | None] = {}
+_enabled = os.environ.get("POINCARE_RESNET_NATIVE", "1").lower() not in ("0", "false", "off", "")
+
+_ARCH_FLAGS = {
+    "AVX512": (["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"], "AVX512"),
+    "AVX2": (["-mavx2", "-mfma"], "AVX2"),
+}
+
+
+def native_enabled() -> bool:
+    """Whether the native kernels are allowed (they are still built lazily)."""
+    return _enabled
+
+
+def set_native(enabled: bool) -> None:
+    """Allow (``True``, default) or forbid the native CPU kernels."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def kernel_loaded(name: str) -> bool:
+    """Whether ``name`` has been built and loaded in this process (no build is attempted)."""
+    return _enabled and _modules.get(name) is not None
+
+
+def _build_flags() -> tuple[list[str], str]:
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags, tag = _ARCH_FLAGS.get(capability, ([], "DEFAULT"))
+    cflags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    if tag != "DEFAULT":
+        cflags += flags + [f"-DCPU_CAPABILITY={tag}", f"-DCPU_CAPABILITY_{tag}"]
+    return cflags, tag.lower()
+
+
+def load_kernel(name: str) -> ModuleType | None:
+    """Build (once, cached) and return the extension ``poincare_resnet/_cpp/{name}.cpp``.
+
+    Returns ``None`` (after one warning) when it cannot be built or native kernels are off.
+    """
+    if not _enabled:
+        return None
+    if name in _modules:
+        return _modules[name]
+    with _lock:
+        if name in _modules:
+            return _modules[name]
+        module = None
+        try:
+            from torch.utils import cpp_extension
+
+            source = _HERE / f"{name}.cpp"
+            cflags, tag = _build_flags()
+            key = "|".join([source.read_text(), *cflags, torch.__version__])
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            module = cpp_extension.load(
+                name=f"poincare_resnet_{name}_{tag}_{digest}",
+                sources=[str(source)],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except Exception as exc:  # no compiler, no ninja, unsupported platform
+            warnings.warn(
+                f"poincare_resnet: native kernel {name!r} unavailable, using the PyTorch path "
+                f"({type(exc).__name__}: {str(exc)[:300]})",
+                stacklevel=2,
+            )
+        _modules[name] = module
+        return module
