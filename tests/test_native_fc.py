@@ -154,3 +154,17 @@ def test_conv_compiles_fullgraph(enabled):
             results.append([out.detach(), xi.grad, conv.weight.grad, conv.bias.grad])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_switch_and_missing_source():
+    """``set_native(False)`` turns every native path off; a kernel that cannot be built warns
+    once and gives ``None`` (the layers then use their PyTorch formulas)."""
+    assert "fc" in cpp.available_kernels()
+    with native(False):
+        assert cpp.load_kernel("fc") is None
+        assert not cpp.kernel_loaded("fc")
+    assert cpp.kernel_loaded("fc")
+    with pytest.warns(UserWarning, match="no_such_kernel"):
+        assert cpp.load_kernel("no_such_kernel") is None
+    assert cpp.load_kernel("no_such_kernel") is None  # remembered, no second warning
+    cpp._modules.pop("no_such_kernel")

@@ -96,3 +96,17 @@ def load_kernel(name: str) -> ModuleType | None:
             )
         _modules[name] = module
         return module
+
+
+def available_kernels() -> list[str]:
+    """Names of the native kernel sources shipped with the package."""
+    return sorted(p.stem for p in _HERE.glob("*.cpp"))
+
+
+def build_all(strict: bool = False) -> dict[str, bool]:
+    """Build every native kernel now (instead of on first use); ``strict`` raises if one fails."""
+    built = {name: load_kernel(name) is not None for name in available_kernels()}
+    if strict and not all(built.values()):
+        missing = ", ".join(name for name, ok in built.items() if not ok)
+        raise RuntimeError(f"native kernels could not be built: {missing} (see the warnings)")
+    return built
