@@ -4,7 +4,8 @@
 // per-channel ch = cosh(2 sqrt(c) r_k), sh = sinh(2 sqrt(c) r_k), zn2 = 2 |z_k|:
 //   q = a dots ch - e sh,  g = clamp(zn2 asinh(q), +-L),  psi = sinh(g),
 //   out = kappa(|psi|) psi,  kappa = asinh(|psi|) / (2 sqrt(c) |psi|)  (capped output norm).
-// The per-pixel a, e and their derivatives are computed by the caller (small tensors).
+// The per-pixel terms come from sq = |p|^2: n = sqrt(sq), t = sqrt(c) n capped at in_limit,
+//   a = sinh(2t)/n (series sqrt(c)(2 + 4t^2/3 + 4t^4/15) for small t), e = cosh(2t).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -22,6 +23,7 @@ constexpr int64_t kBlock = 128;  // pixels per task
 template <typename T>
 struct Params {
   T sc;         // sqrt(c)
+  T in_limit;   // cap of t = sqrt(c)|p|
   T arg_limit;  // clamp of g
   T out_limit;  // cap of asinh(|psi|)
   T small_p;    // series threshold for kappa
@@ -103,20 +105,57 @@ inline void kappa_terms(const Vectorized<T>& p2, const Params<T>& prm, Vectorize
   }
 }
 
+// Per-pixel input terms a, e (and, for the backward, da/dsq, de/dsq) from sq.
 template <typename T>
-void forward_impl(const T* dots, const T* A, const T* E, const T* ch, const T* sh, const T* zn2,
-                  T* out, int64_t B, int64_t C, int64_t P, Params<T> prm) {
+inline void input_terms(const Vectorized<T>& sq, const Params<T>& prm, Vectorized<T>* a,
+                        Vectorized<T>* e, Vectorized<T>* da, Vectorized<T>* de) {
+  using V = Vectorized<T>;
+  const V one(1), sc(prm.sc), c(prm.sc * prm.sc);
+  V n = at::vec::maximum(sq, V(prm.min_norm * prm.min_norm)).sqrt();
+  V t = sc * n;
+  V clipped = t > V(prm.in_limit);
+  V tc = at::vec::minimum(t, V(prm.in_limit));
+  V small = t < V(prm.small_p);
+  V t2 = t * t;
+  V two_tc = tc + tc;
+  V sinh2t = two_tc.sinh();
+  V cosh2t = two_tc.cosh();
+  V series = sc * (V(2) + t2 * (V(T(4.0 / 3)) + V(T(4.0 / 15)) * t2));
+  V av = V::blendv(sinh2t / n, series, small);
+  *a = av;
+  *e = cosh2t;
+  if (da != nullptr) {
+    V n2 = n * n;
+    V da_exact = (V(2) * sc * n * cosh2t - sinh2t) / (V(2) * n2 * n);
+    V da_series = sc * c * (V(T(4.0 / 3)) + V(T(8.0 / 15)) * t2);
+    V de_exact = sc * sinh2t / n;
+    V de_series = c * (V(2) + V(T(4.0 / 3)) * t2);
+    V dav = V::blendv(da_exact, da_series, small);
+    V dev = V::blendv(de_exact, de_series, small);
+    *da = V::blendv(dav, (V(0) - av) / (V(2) * n2), clipped);
+    *de = V::blendv(dev, V(0), clipped);
+  }
+}
+
+template <typename T>
+void forward_impl(const T* dots, const T* SQ, const T* ch, const T* sh, const T* zn2, T* out,
+                  int64_t B, int64_t C, int64_t P, Params<T> prm) {
   using V = Vectorized<T>;
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-    T p2buf[kBlock];
-    T kbuf[kBlock];
+    T p2buf[kBlock], kbuf[kBlock], a[kBlock], e[kBlock];
     const V lim(prm.arg_limit), nlim(-prm.arg_limit);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
       const int64_t n = std::min(kBlock, P - p0);
-      const T* a = A + b * P + p0;
-      const T* e = E + b * P + p0;
+      const T* sq = SQ + b * P + p0;
+      for (int64_t i = 0; i < n; i += V::size()) {
+        const int64_t m = std::min<int64_t>(V::size(), n - i);
+        V av, ev;
+        input_terms<T>(ld<V>(sq + i, m), prm, &av, &ev, nullptr, nullptr);
+        st(av, a + i, m);
+        st(ev, e + i, m);
+      }
       std::fill(p2buf, p2buf + n, T(0));
       for (int64_t c = 0; c < C; ++c) {
         const T* d = dots + (b * C + c) * P + p0;
@@ -149,23 +188,32 @@ void forward_impl(const T* dots, const T* A, const T* E, const T* ch, const T* s
 }
 
 template <typename T>
-void backward_impl(const T* grad, const T* dots, const T* A, const T* E, const T* ch,
-                   const T* sh, const T* zn2, T* grad_dots, T* grad_a, T* grad_e, T* chan,
-                   int64_t B, int64_t C, int64_t P, Params<T> prm) {
+void backward_impl(const T* grad, const T* dots, const T* SQ, const T* ch, const T* sh,
+                   const T* zn2, T* grad_dots, T* grad_sq, T* chan, int64_t B, int64_t C,
+                   int64_t P, Params<T> prm) {
   using V = Vectorized<T>;
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(3 * C * kBlock);
     T p2buf[kBlock], gpbuf[kBlock], kbuf[kBlock], cbuf[kBlock], gabuf[kBlock], gebuf[kBlock];
+    T a[kBlock], e[kBlock], da[kBlock], de[kBlock];
     const V lim(prm.arg_limit), nlim(-prm.arg_limit), one(1), zero(0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
       const int64_t n = std::min(kBlock, P - p0);
-      const T* a = A + b * P + p0;
-      const T* e = E + b * P + p0;
+      const T* sq = SQ + b * P + p0;
+      for (int64_t i = 0; i < n; i += V::size()) {
+        const int64_t m = std::min<int64_t>(V::size(), n - i);
+        V av, ev, dav, dev;
+        input_terms<T>(ld<V>(sq + i, m), prm, &av, &ev, &dav, &dev);
+        st(av, a + i, m);
+        st(ev, e + i, m);
+        st(dav, da + i, m);
+        st(dev, de + i, m);
+      }
       T* psis = scratch.data();
       T* hs = psis + C * kBlock;
-      T* qs = hs + C * kBlock;
+      T* roots = hs + C * kBlock;
       std::fill(p2buf, p2buf + n, T(0));
       std::fill(gpbuf, gpbuf + n, T(0));
       for (int64_t c = 0; c < C; ++c) {
@@ -180,7 +228,7 @@ void backward_impl(const T* grad, const T* dots, const T* A, const T* E, const T
           V psi = fast_sinh(at::vec::clamp(vzn * h, nlim, lim));
           st(psi, psis + c * kBlock + i, m);
           st(h, hs + c * kBlock + i, m);
-          st(root, qs + c * kBlock + i, m);  // sqrt(1 + q^2)
+          st(root, roots + c * kBlock + i, m);  // sqrt(1 + q^2)
           st(ld<V>(p2buf + i, m) + psi * psi, p2buf + i, m);
           st(ld<V>(gpbuf + i, m) + ld<V>(gr + i, m) * psi, gpbuf + i, m);
         }
@@ -206,7 +254,7 @@ void backward_impl(const T* grad, const T* dots, const T* A, const T* E, const T
           V psi = ld<V>(psis + c * kBlock + i, m);
           V h = ld<V>(hs + c * kBlock + i, m);
           // sqrt(1 + q^2) >= 1; the max keeps the zero-filled tail lanes finite
-          V root = at::vec::maximum(ld<V>(qs + c * kBlock + i, m), one);
+          V root = at::vec::maximum(ld<V>(roots + c * kBlock + i, m), one);
           V gg = ld<V>(kbuf + i, m) * ld<V>(gr + i, m) + ld<V>(cbuf + i, m) * psi;
           V in_range = (vzn * h).abs() <= lim;
           gg = V::blendv(zero, gg * (one + psi * psi).sqrt(), in_range);
@@ -224,51 +272,58 @@ void backward_impl(const T* grad, const T* dots, const T* A, const T* E, const T
         chan_t[C + c] = hsum(cacc);
         chan_t[2 * C + c] = hsum(sacc);
       }
-      std::copy(gabuf, gabuf + n, grad_a + b * P + p0);
-      std::copy(gebuf, gebuf + n, grad_e + b * P + p0);
+      T* gs = grad_sq + b * P + p0;
+      for (int64_t i = 0; i < n; i += V::size()) {
+        const int64_t m = std::min<int64_t>(V::size(), n - i);
+        st(ld<V>(gabuf + i, m) * ld<V>(da + i, m) + ld<V>(gebuf + i, m) * ld<V>(de + i, m),
+           gs + i, m);
+      }
     }
   });
 }
 
-void check_inputs(const torch::Tensor& dots, const torch::Tensor& A, const torch::Tensor& E) {
+void check_inputs(const torch::Tensor& dots, const torch::Tensor& sq) {
   TORCH_CHECK(dots.dim() == 3 && dots.is_contiguous(), "dots must be contiguous [B, C, P]");
-  TORCH_CHECK(A.sizes() == E.sizes() && A.size(0) == dots.size(0) && A.size(1) == dots.size(2),
-              "a and e must be [B, P]");
+  TORCH_CHECK(sq.dim() == 2 && sq.size(0) == dots.size(0) && sq.size(1) == dots.size(2),
+              "sq must be [B, P]");
   TORCH_CHECK(dots.device().is_cpu(), "native FC kernel runs on CPU tensors");
 }
 
-torch::Tensor fc_forward(torch::Tensor dots, torch::Tensor A, torch::Tensor E, torch::Tensor ch,
-                         torch::Tensor sh, torch::Tensor zn2, double sc, double arg_limit,
-                         double out_limit, double small_p, double min_norm) {
-  A = A.contiguous();
-  E = E.contiguous();
-  check_inputs(dots, A, E);
+template <typename T>
+Params<T> make_params(double sc, double in_limit, double arg_limit, double out_limit,
+                      double small, double min_norm) {
+  return Params<T>{T(sc), T(in_limit), T(arg_limit), T(out_limit), T(small), T(min_norm)};
+}
+
+torch::Tensor fc_forward(torch::Tensor dots, torch::Tensor sq, torch::Tensor ch,
+                         torch::Tensor sh, torch::Tensor zn2, double sc, double in_limit,
+                         double arg_limit, double out_limit, double small, double min_norm) {
+  sq = sq.contiguous();
+  check_inputs(dots, sq);
   ch = ch.contiguous();
   sh = sh.contiguous();
   zn2 = zn2.contiguous();
   auto out = torch::empty_like(dots);
   const int64_t B = dots.size(0), C = dots.size(1), P = dots.size(2);
   AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "fc_forward", [&] {
-    Params<scalar_t> prm{scalar_t(sc), scalar_t(arg_limit), scalar_t(out_limit),
-                         scalar_t(small_p), scalar_t(min_norm)};
-    forward_impl<scalar_t>(dots.data_ptr<scalar_t>(), A.data_ptr<scalar_t>(),
-                           E.data_ptr<scalar_t>(), ch.data_ptr<scalar_t>(),
-                           sh.data_ptr<scalar_t>(), zn2.data_ptr<scalar_t>(),
-                           out.data_ptr<scalar_t>(), B, C, P, prm);
+    forward_impl<scalar_t>(dots.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(),
+                           ch.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(),
+                           zn2.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, C, P,
+                           make_params<scalar_t>(sc, in_limit, arg_limit, out_limit, small,
+                                                 min_norm));
   });
   return out;
 }
 
-// Returns (grad_dots or empty, grad_a [B, P], grad_e [B, P], chan [3, C]) where chan holds
+// Returns (grad_dots or undefined, grad_sq [B, P], chan [3, C]) where chan holds
 // (dL/d zn2, dL/d ch, dL/d sh).
-std::vector<torch::Tensor> fc_backward(torch::Tensor grad, torch::Tensor dots, torch::Tensor A,
-                                       torch::Tensor E, torch::Tensor ch, torch::Tensor sh,
-                                       torch::Tensor zn2, double sc, double arg_limit,
-                                       double out_limit, double small_p, double min_norm,
+std::vector<torch::Tensor> fc_backward(torch::Tensor grad, torch::Tensor dots, torch::Tensor sq,
+                                       torch::Tensor ch, torch::Tensor sh, torch::Tensor zn2,
+                                       double sc, double in_limit, double arg_limit,
+                                       double out_limit, double small, double min_norm,
                                        bool need_dots) {
-  A = A.contiguous();
-  E = E.contiguous();
-  check_inputs(dots, A, E);
+  sq = sq.contiguous();
+  check_inputs(dots, sq);
   grad = grad.contiguous();
   ch = ch.contiguous();
   sh = sh.contiguous();
@@ -276,21 +331,18 @@ std::vector<torch::Tensor> fc_backward(torch::Tensor grad, torch::Tensor dots, t
   const int64_t B = dots.size(0), C = dots.size(1), P = dots.size(2);
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   auto grad_dots = need_dots ? torch::empty_like(dots) : torch::Tensor();
-  auto grad_a = torch::empty_like(A);
-  auto grad_e = torch::empty_like(E);
+  auto grad_sq = torch::empty_like(sq);
   auto chan = torch::empty({B * nblk, 3, C}, dots.options());
   AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "fc_backward", [&] {
-    Params<scalar_t> prm{scalar_t(sc), scalar_t(arg_limit), scalar_t(out_limit),
-                         scalar_t(small_p), scalar_t(min_norm)};
     backward_impl<scalar_t>(grad.data_ptr<scalar_t>(), dots.data_ptr<scalar_t>(),
-                            A.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
-                            ch.data_ptr<scalar_t>(), sh.data_ptr<scalar_t>(),
-                            zn2.data_ptr<scalar_t>(),
+                            sq.data_ptr<scalar_t>(), ch.data_ptr<scalar_t>(),
+                            sh.data_ptr<scalar_t>(), zn2.data_ptr<scalar_t>(),
                             need_dots ? grad_dots.data_ptr<scalar_t>() : nullptr,
-                            grad_a.data_ptr<scalar_t>(), grad_e.data_ptr<scalar_t>(),
-                            chan.data_ptr<scalar_t>(), B, C, P, prm);
+                            grad_sq.data_ptr<scalar_t>(), chan.data_ptr<scalar_t>(), B, C, P,
+                            make_params<scalar_t>(sc, in_limit, arg_limit, out_limit, small,
+                                                  min_norm));
   });
-  return {grad_dots, grad_a, grad_e, chan.sum(0)};
+  return {grad_dots, grad_sq, chan.sum(0)};
 }
 
 }  // namespace

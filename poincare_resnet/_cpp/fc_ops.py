@@ -15,25 +15,24 @@ from . import load_kernel
 @torch.library.custom_op("poincare_resnet::fc_forward", mutates_args=())
 def fc_forward(
     dots: Tensor,
-    a: Tensor,
-    e: Tensor,
+    sq: Tensor,
     ch: Tensor,
     sh: Tensor,
     zn2: Tensor,
     sc: float,
+    in_limit: float,
     arg_limit: float,
     out_limit: float,
-    small_p: float,
+    small: float,
     min_norm: float,
 ) -> Tensor:
-    """Fused tangent FC forward on ``dots [B, C, P]`` with per-pixel ``a, e [B, P]``."""
-    return load_kernel("fc").fc_forward(
-        dots, a, e, ch, sh, zn2, sc, arg_limit, out_limit, small_p, min_norm
-    )
+    """Fused tangent FC forward on ``dots [B, C, P]`` with ``sq = ‖p‖² [B, P]``."""
+    limits = (sc, in_limit, arg_limit, out_limit, small, min_norm)
+    return load_kernel("fc").fc_forward(dots, sq, ch, sh, zn2, *limits)
 
 
 @fc_forward.register_fake
-def _(dots, a, e, ch, sh, zn2, sc, arg_limit, out_limit, small_p, min_norm):
+def _(dots, sq, ch, sh, zn2, sc, in_limit, arg_limit, out_limit, small, min_norm):
     return torch.empty_like(dots)
 
 
@@ -41,29 +40,29 @@ def _(dots, a, e, ch, sh, zn2, sc, arg_limit, out_limit, small_p, min_norm):
 def fc_backward(
     grad: Tensor,
     dots: Tensor,
-    a: Tensor,
-    e: Tensor,
+    sq: Tensor,
     ch: Tensor,
     sh: Tensor,
     zn2: Tensor,
     sc: float,
+    in_limit: float,
     arg_limit: float,
     out_limit: float,
-    small_p: float,
+    small: float,
     min_norm: float,
     need_dots: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(grad_dots (empty if not needed), grad_a, grad_e, [∂/∂zn2, ∂/∂ch, ∂/∂sh])``."""
-    grad_dots, grad_a, grad_e, chan = load_kernel("fc").fc_backward(
-        grad.contiguous(), dots, a, e, ch, sh, zn2, sc, arg_limit, out_limit, small_p, min_norm,
-        need_dots,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(grad_dots (empty if not needed), grad_sq, [∂/∂zn2, ∂/∂ch, ∂/∂sh])``."""
+    limits = (sc, in_limit, arg_limit, out_limit, small, min_norm)
+    grad_dots, grad_sq, chan = load_kernel("fc").fc_backward(
+        grad.contiguous(), dots, sq, ch, sh, zn2, *limits, need_dots
     )
     if grad_dots is None:
         grad_dots = dots.new_empty(0)
-    return grad_dots, grad_a, grad_e, chan
+    return grad_dots, grad_sq, chan
 
 
 @fc_backward.register_fake
-def _(grad, dots, a, e, ch, sh, zn2, sc, arg_limit, out_limit, small_p, min_norm, need_dots):
-    grad_dots = torch.empty_like(dots) if need_dots else dots.new_empty(0)
-    return grad_dots, torch.empty_like(a), torch.empty_like(e), dots.new_empty(3, dots.shape[1])
+def _(grad, dots, sq, ch, sh, zn2, sc, in_limit, arg_limit, out_limit, small, min_norm, need):
+    grad_dots = torch.empty_like(dots) if need else dots.new_empty(0)
+    return grad_dots, torch.empty_like(sq), dots.new_empty(3, dots.shape[1])

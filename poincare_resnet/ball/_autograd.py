@@ -366,45 +366,42 @@ def _fc_native(dots: Tensor, c, dim: int):
     return fc_ops
 
 
-def _fc_native_args(dots, sq, znorm, bias, c, dim):
-    sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
-        dots, sq, znorm, bias, c, dim
-    )
+def _fc_native_args(dots, sq, znorm, bias, c):
+    """Flattened ``[B, C, P]`` / ``[B, P]`` views, per-feature terms and limits for the kernel."""
+    sc = _sqrt(c)
+    two_sr = 2 * sc * bias
     b, k = dots.shape[0], dots.shape[1]
     flat = (
         dots.reshape(b, k, -1).contiguous(),
-        a.expand(sq.shape).reshape(b, -1),
-        e.expand(sq.shape).reshape(b, -1),
-        ch.reshape(-1),
-        sh.reshape(-1),
-        (2 * zn).reshape(-1),
+        sq.reshape(b, -1),
+        torch.cosh(two_sr),
+        torch.sinh(two_sr),
+        2 * znorm,
     )
-    limits = (
-        float(sc),
-        FC_ARG_LIMIT,
-        2 * max_tangent_radius(dots.dtype),
-        _small(dots.dtype),
-        MIN_NORM,
-    )
-    return flat, limits, (sc, n, clipped_in, small, t2, sinh2t, a, e)
+    limit = max_tangent_radius(dots.dtype)
+    limits = (float(sc), limit, FC_ARG_LIMIT, 2 * limit, _small(dots.dtype), MIN_NORM)
+    return flat, limits
 
 
 def _fc_native_forward(native, dots, sq, znorm, bias, c, dim):
-    flat, limits, _ = _fc_native_args(dots, sq, znorm, bias, c, dim)
+    flat, limits = _fc_native_args(dots, sq, znorm, bias, c)
     return native.fc_forward(*flat, *limits).view(dots.shape)
 
 
 def _fc_native_backward(native, grad, dots, sq, znorm, bias, c, dim, needs):
-    """Backward of the FC map with the full-size work in one native kernel."""
-    flat, limits, pixel = _fc_native_args(dots, sq, znorm, bias, c, dim)
+    """Backward of the FC map: all full-size and per-pixel work in one native kernel."""
+    flat, limits = _fc_native_args(dots, sq, znorm, bias, c)
     b, k = dots.shape[0], dots.shape[1]
-    grad_dots, grad_a, grad_e, chan = native.fc_backward(
+    grad_dots, grad_sq, chan = native.fc_backward(
         grad.reshape(b, k, -1), *flat, *limits, bool(needs[0])
     )
     grad_dots = grad_dots.view(dots.shape) if needs[0] else None
+    grad_sq = grad_sq.view(sq.shape) if needs[1] else None
     grad_znorm = 2 * chan[0] if needs[2] else None
-    grad_a, grad_e = grad_a.view(sq.shape), grad_e.view(sq.shape)
-    grad_sq, grad_bias = _fc_small_backward(grad_a, grad_e, chan[1], chan[2], bias, *pixel, needs)
+    grad_bias = None
+    if needs[3]:  # through cosh(2√c r) and sinh(2√c r)
+        _, _, ch_k, sh_k, _ = flat
+        grad_bias = (chan[1] * sh_k + chan[2] * ch_k) * (2 * _sqrt(c))
     return grad_dots, grad_sq, grad_znorm, grad_bias, None, None
 
 
