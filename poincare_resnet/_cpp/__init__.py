@@ -52,6 +52,15 @@ def kernel_loaded(name: str) -> bool:
     return _enabled and _modules.get(name) is not None
 
 
+def require_kernel(name: str) -> ModuleType:
+    """The built module ``name`` for an op about to run it (also after ``set_native(False)``,
+    so that a graph recorded with the native kernels can still run its backward)."""
+    module = _modules.get(name) or load_kernel(name)
+    if module is None:
+        raise RuntimeError(f"native kernel {name!r} is not available")
+    return module
+
+
 def _build_flags() -> tuple[list[str], str]:
     capability = torch.backends.cpu.get_cpu_capability()
     flags, tag = _ARCH_FLAGS.get(capability, ([], "DEFAULT"))

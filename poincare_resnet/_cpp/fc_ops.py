@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import load_kernel
+from . import require_kernel
 
 
 @torch.library.custom_op("poincare_resnet::fc_forward", mutates_args=())
@@ -28,7 +28,7 @@ def fc_forward(
 ) -> Tensor:
     """Fused tangent FC forward on ``dots [B, C, P]`` with ``sq = ‖p‖² [B, P]``."""
     limits = (sc, in_limit, arg_limit, out_limit, small, min_norm)
-    return load_kernel("fc").fc_forward(dots, sq, ch, sh, zn2, *limits)
+    return require_kernel("fc").fc_forward(dots, sq, ch, sh, zn2, *limits)
 
 
 @fc_forward.register_fake
@@ -54,7 +54,7 @@ def fc_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(grad_dots (empty if not needed), grad_sq, [∂/∂zn2, ∂/∂ch, ∂/∂sh])``."""
     limits = (sc, in_limit, arg_limit, out_limit, small, min_norm)
-    grad_dots, grad_sq, chan = load_kernel("fc").fc_backward(
+    grad_dots, grad_sq, chan = require_kernel("fc").fc_backward(
         grad.contiguous(), dots, sq, ch, sh, zn2, *limits, need_dots
     )
     if grad_dots is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import load_kernel
+from . import require_kernel
 
 
 @torch.library.custom_op("poincare_resnet::residual_forward", mutates_args=())
@@ -17,7 +17,7 @@ def residual_forward(
     f: Tensor, res: Tensor, alpha: Tensor, c: float, proj_eps: float, t_max: float, f_first: bool
 ) -> Tensor:
     """``logmap0(expmap0(α f) ⊕ expmap0(res))`` (or ``res ⊕ f``) on ``[B, C, P]`` maps."""
-    return load_kernel("residual").residual_forward(
+    return require_kernel("residual").residual_forward(
         f, res, float(alpha), c, proj_eps, t_max, f_first
     )
 
@@ -39,7 +39,7 @@ def residual_backward(
     f_first: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(∂L/∂f, ∂L/∂res, ∂L/∂α)``."""
-    grad_f, grad_r, grad_a = load_kernel("residual").residual_backward(
+    grad_f, grad_r, grad_a = require_kernel("residual").residual_backward(
         grad, f, res, float(alpha), c, proj_eps, t_max, f_first
     )
     return grad_f, grad_r, grad_a.reshape(())

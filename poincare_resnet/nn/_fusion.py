@@ -85,12 +85,21 @@ def _batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduc
         and torch.distributed.is_initialized()
     ):
         return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce)
+    # without a process group the all-reduce is the identity: the local statistics are exact
+    from ._native_batchnorm import native_batchnorm, native_batchnorm_applicable
+
+    if native_batchnorm_applicable(v, c, None):  # CPU, fixed c: fused C++ forward and backward
+        return native_batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
     return _bn_fused(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, None)
 
 
 def fused_residual(f, res, alpha, c, proj_eps, t_max, f_first):
+    from ._native_residual import native_residual, native_residual_applicable
+
     f, res = full_precision(f), full_precision(res)
     with _no_autocast(f):
+        if native_residual_applicable(f, res, alpha, c):
+            return native_residual(f, res, alpha, c, proj_eps, t_max, f_first)
         return _residual_fused(f, res, alpha, c, proj_eps, t_max, f_first)
 
 
