@@ -52,6 +52,13 @@ def kernel_loaded(name: str) -> bool:
     return _enabled and _modules.get(name) is not None
 
 
+@torch.compiler.assume_constant_result
+def native_available(name: str) -> bool:
+    """Whether kernel ``name`` can run (building it on first use). Under ``torch.compile`` the
+    call runs once at trace time and its answer is a constant of the compiled graph."""
+    return load_kernel(name) is not None
+
+
 def require_kernel(name: str) -> ModuleType:
     """The built module ``name`` for an op about to run it (also after ``set_native(False)``,
     so that a graph recorded with the native kernels can still run its backward)."""

@@ -343,8 +343,8 @@ class FullyConnectedTangent(torch.autograd.Function):
 
 def _fc_native(dots: Tensor, c, dim: int):
     """The native ops (:mod:`poincare_resnet._cpp.fc_ops`) when they apply: CPU maps along
-    dim 1 of a ≥3-D tensor, float32/float64, fixed curvature. Under ``torch.compile`` they are
-    used when already built in this process (an eager call builds them)."""
+    dim 1 of a ≥3-D tensor, float32/float64, fixed curvature. Under ``torch.compile`` they enter
+    the graph as custom ops (the availability check runs once, at trace time)."""
     if (
         isinstance(c, Tensor)
         or dots.device.type != "cpu"
@@ -355,11 +355,7 @@ def _fc_native(dots: Tensor, c, dim: int):
         return None
     from .. import _cpp
 
-    if torch.compiler.is_compiling():
-        available = _cpp.kernel_loaded("fc")
-    else:
-        available = _cpp.load_kernel("fc") is not None
-    if not available:
+    if not (_cpp.native_enabled() and _cpp.native_available("fc")):
         return None
     from .._cpp import fc_ops
 

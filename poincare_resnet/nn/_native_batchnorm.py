@@ -30,8 +30,7 @@ from ._kernels import _radial, batchnorm_forward
 def native_batchnorm_applicable(v: Tensor, c, all_reduce) -> bool:
     """Whether :func:`native_batchnorm` handles this call (CPU float maps, fixed curvature).
 
-    Under ``torch.compile`` the kernels are used when already built in this process (they
-    enter the graph as custom ops)."""
+    Under ``torch.compile`` the kernels enter the graph as custom ops."""
     if (
         all_reduce is not None
         or isinstance(c, Tensor)
@@ -43,9 +42,7 @@ def native_batchnorm_applicable(v: Tensor, c, all_reduce) -> bool:
         return False
     from .. import _cpp
 
-    if torch.compiler.is_compiling():
-        return _cpp.kernel_loaded("batchnorm")
-    return _cpp.load_kernel("batchnorm") is not None
+    return _cpp.native_enabled() and _cpp.native_available("batchnorm")
 
 
 def _centre(beta_t: Tensor, c: float, t_max: float) -> Tensor:

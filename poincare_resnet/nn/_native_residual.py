@@ -19,8 +19,7 @@ from torch.autograd.function import once_differentiable
 def native_residual_applicable(f: Tensor, res: Tensor, alpha, c) -> bool:
     """Whether :func:`native_residual` can run these inputs (else use the PyTorch path).
 
-    Under ``torch.compile`` the kernel is used when it is already built in this process (it
-    enters the graph as a custom op)."""
+    Under ``torch.compile`` the kernel enters the graph as a custom op."""
     if (
         isinstance(c, Tensor)
         or isinstance(c, bool)
@@ -38,9 +37,7 @@ def native_residual_applicable(f: Tensor, res: Tensor, alpha, c) -> bool:
         return False
     from .. import _cpp
 
-    if torch.compiler.is_compiling():
-        return _cpp.kernel_loaded("residual")
-    return _cpp.load_kernel("residual") is not None
+    return _cpp.native_enabled() and _cpp.native_available("residual")
 
 
 def _flat(t: Tensor) -> Tensor:
