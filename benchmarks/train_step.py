@@ -27,13 +27,12 @@ import time
 def _child(args: argparse.Namespace) -> None:
     import torch
 
-    from poincare_resnet import create_model
-    from poincare_resnet.nn import _fusion
+    from poincare_resnet import _cpp, create_model
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.fusion is not None:
-        _fusion.set_fusion(args.fusion == "on")
+    if args.native is not None:
+        _cpp.set_native(args.native == "on")
     widths = tuple(int(w) for w in args.w.split("-"))
     model = create_model(
         f"{args.family}_resnet{args.depth}", num_classes=10, in_chans=3, widths=widths
@@ -109,10 +108,10 @@ def main() -> None:
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--no-compile", action="store_true", help="eager mode only")
     p.add_argument(
-        "--fusion",
+        "--native",
         choices=("on", "off"),
         default=None,
-        help="force the eager-mode kernel fusion on/off (default: library default)",
+        help="force the native CPU kernels on/off (default: on where they apply)",
     )
     p.add_argument("--json", default=None, help="also write the rows to this file")
     # child-process arguments
@@ -155,8 +154,8 @@ def main() -> None:
                         "--device",
                         args.device,
                     ]
-                    if args.fusion:
-                        cmd += ["--fusion", args.fusion]
+                    if args.native:
+                        cmd += ["--native", args.native]
                     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if out.returncode != 0:

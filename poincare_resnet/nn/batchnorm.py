@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .. import ball
 from ..ball import MIN_NORM, get_eps, max_tangent_radius
 from ..ball.frechet import frechet_mean
-from ._fusion import fused_batchnorm
+from ._dispatch import batchnorm as fused_batchnorm
 from .curvature import Curvature, as_curvature
 
 MEANS = ("midpoint", "frechet")

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .. import ball
 from ..ball import MIN_NORM, max_tangent_radius
-from ._fusion import fused_fc_tangent
+from ._dispatch import fc_tangent as fused_fc_tangent
 from .curvature import Curvature, as_curvature
 from .init import INITS, init_poincare_weight
 

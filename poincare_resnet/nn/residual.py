@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from .. import ball
 from ..ball import get_eps, max_tangent_radius
-from ._fusion import fused_residual
+from ._dispatch import residual as fused_residual
 from .curvature import Curvature, as_curvature
 
 ORDERS = ("f+res", "res+f")

@@ -298,6 +298,25 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict[str, A
         cleanup_distributed()
 
 
+def _prepare_native_kernels(device: torch.device, log) -> None:
+    """Build (first run) or load the native CPU kernels before the first step, saying so."""
+    from .. import _cpp
+
+    if device.type != "cpu" or not _cpp.native_enabled():
+        return
+    names = _cpp.available_kernels()
+    if all(_cpp.kernel_loaded(n) for n in names):
+        return
+    start = time.perf_counter()
+    log("native CPU kernels: loading (compiled on first use, then cached) ...")
+    built = _cpp.build_all()
+    ready = [n for n, ok in built.items() if ok]
+    log(
+        f"native CPU kernels: {', '.join(ready) if ready else 'none, using PyTorch'} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+
+
 def _train(
     cfg: TrainConfig, run: Path, resuming: bool, device: torch.device, info: DistInfo, log
 ) -> dict[str, Any]:
@@ -309,6 +328,7 @@ def _train(
     model = create_model(
         cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_kwargs
     ).to(device=device, dtype=dtype)
+    _prepare_native_kernels(device, log if main else (lambda _m: None))
     if cfg.sync_bn and info.enabled:
         from ..nn.sync_batchnorm import convert_sync_batchnorm
 

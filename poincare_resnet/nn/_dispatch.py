@@ -1,0 +1,57 @@
+"""Where each layer kernel runs: native C++ (CPU) or the PyTorch closed form, in full precision.
+
+The layers call these entry points. The native kernels (:mod:`poincare_resnet._cpp`) take CPU
+float32/float64 maps with a fixed curvature; everything else (GPUs, a learnable curvature,
+synchronised batch norm across processes) runs the PyTorch closed forms of :mod:`._kernels`,
+which compute the same values. Under autocast the hyperbolic maths is upcast to float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ball
+from ._kernels import batchnorm_forward, residual_forward
+from ._native_batchnorm import native_batchnorm, native_batchnorm_applicable
+from ._native_residual import native_residual, native_residual_applicable
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Hyperbolic maths runs in float32 even under autocast: upcast half-precision tensors."""
+    return t.float() if t.dtype in _REDUCED else t
+
+
+def _no_autocast(t: torch.Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce):
+    """:func:`._kernels.batchnorm_forward` (``all_reduce`` is used only when a process group
+    exists: without one it is the identity and the local statistics are exact)."""
+    v = full_precision(v)
+    with _no_autocast(v):
+        if all_reduce is not None and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            all_reduce = None
+        if native_batchnorm_applicable(v, c, all_reduce):
+            return native_batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
+        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce)
+
+
+def residual(f, res, alpha, c, proj_eps, t_max, f_first):
+    """:func:`._kernels.residual_forward`, native where it applies."""
+    f, res = full_precision(f), full_precision(res)
+    with _no_autocast(f):
+        if native_residual_applicable(f, res, alpha, c):
+            return native_residual(f, res, alpha, c, proj_eps, t_max, f_first)
+        return residual_forward(f, res, alpha, c, proj_eps, t_max, f_first)
+
+
+def fc_tangent(dots, sq, znorm, bias, c, dim):
+    """:func:`poincare_resnet.ball.fc_tangent` (which picks the native kernel itself)."""
+    dots, sq = full_precision(dots), full_precision(sq)
+    with _no_autocast(dots):
+        return ball.fc_tangent(dots, sq, znorm, bias, c=c, dim=dim)
