@@ -39,8 +39,9 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+from _memory import trace_peak_mib
 
 BATCH, SIZE, KERNEL = 128, 32, 3
 CURVATURE = 0.1
@@ -105,20 +106,6 @@ def _build(kind: str, channels: int):
 # ------------------------------------------------------------------------------ child
 
 
-def _peak_mib(prof) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as fh:
-            events = json.load(fh)["traceEvents"]
-    totals = [
-        e["args"]["Total Allocated"]
-        for e in events
-        if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type") == 0
-    ]
-    return max(totals, default=0) / 2**20
-
-
 def _child(spec: dict) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -157,7 +144,7 @@ def _child(spec: dict) -> dict:
         "ms": statistics.median(times) * 1e3,
         "n": len(times),
         "first_s": first,
-        "peak_mib": _peak_mib(prof),
+        "peak_mib": trace_peak_mib(prof),
     }
 
 

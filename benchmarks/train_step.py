@@ -2,9 +2,13 @@
 
 Each (model, mode) is measured in its own fresh process (so peak memory and caches don't leak
 between them): Adam, cross-entropy, random CIFAR-shaped data, warm-up steps excluded, the median
-of ``--repeats`` timed steps. Peak memory on CPU is the growth of the process's maximum resident
-set size (``ru_maxrss``) over the baseline taken after the model and data exist; on CUDA it is
-``torch.cuda.max_memory_allocated`` and times use CUDA events.
+of ``--repeats`` timed steps. Peak memory is the peak of the tensors a train step holds: on CUDA
+``torch.cuda.max_memory_allocated``; on CPU its analogue from PyTorch's allocator — the live
+parameters, optimizer state and batch plus the peak extra tensor memory of one profiled train step
+after warm-up (activations saved for backward, gradients, temporaries; ``benchmarks/_memory.py``).
+The growth of the process's maximum resident set size (``ru_maxrss``) over the baseline taken
+after the model and data exist is printed too, in the JSON only: it also counts the compiler's
+own memory (a compiled Poincaré graph has many more nodes) and what glibc keeps mapped.
 
     python benchmarks/train_step.py            # ResNet-20/32, widths 8-16-32 and 16-32-64
     python benchmarks/train_step.py --depths 20 --widths 8-16-32 --no-compile --repeats 5
@@ -22,6 +26,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from _memory import profiled_peak_mib
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -53,6 +59,11 @@ def _child(args: argparse.Namespace) -> None:
         with torch.no_grad():
             run_model(x)
 
+    def tensor_bytes() -> int:
+        state = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+        live = [*model.parameters(), *model.buffers(), *state, x, y]
+        return sum(t.numel() * t.element_size() for t in live)
+
     def timed(fn, n: int) -> list[float]:
         out = []
         for _ in range(n):
@@ -77,10 +88,12 @@ def _child(args: argparse.Namespace) -> None:
     timed(train_step, args.warmup)
     warm_s = time.perf_counter() - t0
     train = timed(train_step, args.repeats)
+    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+        opt.zero_grad(set_to_none=True)  # the profiled step starts without gradients
+        peak = tensor_bytes() / 2**20 + profiled_peak_mib(train_step)
     model.eval()
     timed(eval_step, args.warmup)
     forward = timed(eval_step, args.repeats)
@@ -90,6 +103,7 @@ def _child(args: argparse.Namespace) -> None:
                 "train_ms": statistics.median(train) * 1000,
                 "forward_ms": statistics.median(forward) * 1000,
                 "peak_mib": peak,
+                "rss_growth_mib": rss,
                 "warmup_s": warm_s,
             }
         )
@@ -174,6 +188,8 @@ def main() -> None:
                     "eucl_peak_mib": e["peak_mib"],
                     "poinc_peak_mib": h["peak_mib"],
                     "mem_ratio": h["peak_mib"] / max(e["peak_mib"], 1e-9),
+                    "eucl_rss_growth_mib": e["rss_growth_mib"],
+                    "poinc_rss_growth_mib": h["rss_growth_mib"],
                 }
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
