@@ -463,9 +463,13 @@ void mid_forward_impl(const T* v, T* part, int64_t B, int64_t C, int64_t P,
   });
 }
 
+// With var_a/var_b (per pixel, [B, P]) it also adds g_var (var_a x + var_b mu): the gradient of
+// g_var * sum at^2 that backward_impl<true, true> left in coefficient form.
 template <typename T>
 void mid_backward_impl(const T* v, const T* g_s1, T g_s0, T* grad_v, bool accumulate,
-                       int64_t B, int64_t C, int64_t P, const Consts<T>& k) {
+                       int64_t B, int64_t C, int64_t P, const Consts<T>& k,
+                       const T* var_a = nullptr, const T* var_b = nullptr,
+                       const T* mu = nullptr, T g_var = T(0)) {
   using V = Pack<T, kPackBackward>;
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   constexpr int64_t VS = V::size();
@@ -494,10 +498,17 @@ void mid_backward_impl(const T* v, const T* g_s1, T g_s0, T* grad_v, bool accumu
         V g_th = sel(e_ok, V(2) * th * g2 * g2 * g_g2) + g_ax / t;
         V g_t = (ax / t * g_ax).neg() + sel(t <= V(k.t_max), g_th * (one - th * th));
         const V g_n2 = sel(n2 >= V(k.min_norm2), V(k.sc) * g_t / (V(2) * nn));
-        const V two_gn2 = V(2) * g_n2;
+        V two_gn2 = V(2) * g_n2;
+        V vb_coef(0);
+        if (var_a != nullptr) {
+          const int64_t pix = b * P + p0 + i;
+          two_gn2 = two_gn2 + V(g_var) * ld<V>(var_a + pix, m);
+          vb_coef = V(g_var) * ld<V>(var_b + pix, m);
+        }
         for (int64_t ch = 0; ch < C; ++ch) {
           const V x = ld<V>(vb + ch * P + i, m);
           V gv = w * V(g_s1[ch]) + two_gn2 * x;
+          if (var_a != nullptr) gv = gv + vb_coef * V(mu[ch]);
           if (accumulate) gv = gv + ld<V>(gvb + ch * P + i, m);
           st(gv, gvb + ch * P + i, m);
         }
@@ -641,16 +652,25 @@ void out_impl(const T* v, const T* mu, const T* beta, T* out, int64_t B, int64_t
 // follow from those of its four terms) and gd = adjoint of d = A gm + 2 g_d2 d:
 //   grad v = ax gd + 2 g_n2 v,  grad mu += k_mu g + g_mm m - gd - B gm,
 //   grad beta += k_b g + g_mb m.
-template <bool kOut, typename T>
+//
+// kVar (train mode, with kOut): also the gradient of S = sum at^2 with unit weight, which the
+// caller scales by g_S = dL/dS once this pass has reduced dL/dr. Per pixel it is
+//   dS/dv_c = var_a x_c + var_b mu_c   (stored in var_a, var_b [B, P]: two scalars a pixel),
+// and dS/dmu_c sums to  sum_p (Q1 x_c) + mu_c (sum_p Q2) + 2 Gm2 mu_c  (part: C + 2 more
+// columns). Derivation: with gm = 2 g_q m, gd = A gm + 2 g_d2 d, m = A d - B mu, d = ax x - mu,
+//   gd = P1 d + P2 mu  (P1 = 2 g_q A^2 + 2 g_d2, P2 = -2 g_q A B),
+//   dS/dv = ax gd + 2 g_n2 x,   dS/dmu (per pixel) = -gd - B gm.
+template <bool kOut, typename T, bool kVar = false>
 void backward_impl(const T* v, const T* mu, const T* beta, const T* grad, T g_s, T* grad_v,
                    bool accumulate, T* part, int64_t B, int64_t C, int64_t P,
-                   const Consts<T>& k) {
+                   const Consts<T>& k, T* var_a = nullptr, T* var_b = nullptr) {
+  static_assert(!kVar || kOut, "kVar needs kOut");
   using V = Pack<T, kPackBackward>;
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   constexpr int64_t VS = V::size();
-  const int64_t width = 2 * C + kGlobals;
+  const int64_t width = 2 * C + kGlobals + (kVar ? C + 2 : 0);
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(2 * C * VS);
+    std::vector<T> acc((kVar ? 3 : 2) * C * VS);
     const V two(2);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
@@ -659,7 +679,8 @@ void backward_impl(const T* v, const T* mu, const T* beta, const T* grad, T g_s,
       const T* gb = kOut ? grad + b * C * P + p0 : nullptr;
       T* gvb = grad_v + b * C * P + p0;
       std::fill(acc.begin(), acc.end(), T(0));
-      Globals<V> G;
+      Globals<V> G, G1;
+      V q2sum(0);
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t m = std::min<int64_t>(VS, n - i);
         Front<V> f;
@@ -686,6 +707,26 @@ void backward_impl(const T* v, const T* mu, const T* beta, const T* grad, T g_s,
         V g_n2, g_d2;
         stage1_back(s1, k, s_d, s_mu.neg(), s_v, f.dv, &g_n2, &g_d2, G);
         const V two_gn2 = two * g_n2, two_gd2 = two * g_d2;
+        V vq1(0);
+        if constexpr (kVar) {
+          V g_q1, g_mm1, g_mb1;
+          const V zero(0);
+          stage2_back<false>(s2, k, zero, zero, zero, sel(valid_lanes<V>(m), two * s2.at), &g_q1,
+                             &g_mm1, &g_mb1, G1);
+          const V tq = two * g_q1;
+          V g_n2_1, g_d2_1;
+          stage1_back(s1, k, tq * f.md, (tq * f.mm).neg(), tq * f.mv, f.dv, &g_n2_1, &g_d2_1,
+                      G1);
+          const V A = s1.A, Bc = s1.B, ax = s1.ax;
+          const V P1 = tq * A * A + two * g_d2_1;
+          const V P2 = (tq * A * Bc).neg();
+          const int64_t pix = b * P + p0 + i;
+          st(P1 * ax * ax + two * g_n2_1, var_a + pix, m);
+          st(ax * (P2 - P1), var_b + pix, m);
+          const V tab = tq * A * Bc;
+          vq1 = ((P1 + tab) * ax).neg();
+          q2sum = q2sum + sel(valid_lanes<V>(m), P1 - P2 + tab + tq * Bc * Bc);
+        }
         for (int64_t ch = 0; ch < C; ++ch) {
           const V x = ld<V>(vb + ch * P + i, m);
           const V muc(mu[ch]);
@@ -708,10 +749,20 @@ void backward_impl(const T* v, const T* mu, const T* beta, const T* grad, T g_s,
           V gv = s1.ax * gd + two_gn2 * x;
           if (accumulate) gv = gv + ld<V>(gvb + ch * P + i, m);
           st(gv, gvb + ch * P + i, m);
+          if constexpr (kVar) {
+            T* av = acc.data() + (2 * C + ch) * VS;
+            st(ld<V>(av, VS) + vq1 * x, av, VS);
+          }
         }
       }
       T* pt = part + task * width;
       for (int64_t ch = 0; ch < 2 * C; ++ch) pt[ch] = hsum(ld<V>(acc.data() + ch * VS, VS));
+      if constexpr (kVar) {
+        T* pv = pt + 2 * C + kGlobals;
+        for (int64_t ch = 0; ch < C; ++ch) pv[ch] = hsum(ld<V>(acc.data() + (2 * C + ch) * VS, VS));
+        pv[C] = hsum(q2sum);
+        pv[C + 1] = hsum(G1.m2);
+      }
       pt[2 * C + 0] = hsum(G.m2);
       pt[2 * C + 1] = hsum(G.b2);
       pt[2 * C + 2] = hsum(G.bm);
@@ -804,6 +855,32 @@ torch::Tensor bn_out(torch::Tensor v, torch::Tensor mu, torch::Tensor beta, doub
   return out;
 }
 
+// Per-task sums of backward_impl -> (grad_mu [C], grad_beta [C], grad_r [1]): the channel
+// adjoints plus what reaches mu and beta through the global scalars.
+template <typename T>
+void reduce_backward_part(const torch::Tensor& tot, const torch::Tensor& mu,
+                          const torch::Tensor& beta, const Consts<T>& k, int64_t C,
+                          torch::Tensor* grad_mu, torch::Tensor* grad_beta,
+                          torch::Tensor* grad_r) {
+  const T* s = tot.data_ptr<T>();
+  T G_m2 = s[2 * C + 0], G_b2 = s[2 * C + 1], G_bm = s[2 * C + 2], G_gd = s[2 * C + 3];
+  T G_B2 = s[2 * C + 4], G_uv = s[2 * C + 5], G_r = s[2 * C + 6];
+  // gd = max(1 + 2c uv + c^2 b2 m2, min), uv = -bm, B2 = 1 - c b2
+  const T gd_raw = T(1) + k.c * T(2) * (-k.bm) + k.c2 * k.b2 * k.m2;
+  if (gd_raw >= k.min_norm) {
+    G_uv += T(2) * k.c * G_gd;
+    G_b2 += k.c2 * k.m2 * G_gd;
+    G_m2 += k.c2 * k.b2 * G_gd;
+  }
+  G_b2 -= k.c * G_B2;
+  G_bm -= G_uv;
+  auto chan_mu = tot.narrow(0, 0, C);
+  auto chan_b = tot.narrow(0, C, C);
+  *grad_mu = chan_mu + T(2) * G_m2 * mu + G_bm * beta;
+  *grad_beta = chan_b + T(2) * G_b2 * beta + G_bm * mu;
+  *grad_r = torch::full({1}, G_r, tot.options());
+}
+
 // Returns (grad_v, grad_mu [C], grad_beta [C], grad_r [1]) of <grad, out> + g_s * sum at^2
 // (grad undefined: the variance sum alone); with `into`, grad_v is added to it in place.
 std::vector<torch::Tensor> bn_backward(torch::Tensor v, torch::Tensor mu, torch::Tensor beta,
@@ -837,24 +914,7 @@ std::vector<torch::Tensor> bn_backward(torch::Tensor v, torch::Tensor mu, torch:
       backward_impl<false, T>(v.data_ptr<T>(), m, bt, nullptr, T(g_s), grad_v.data_ptr<T>(),
                               accumulate, part.data_ptr<T>(), B, C, P, k);
     }
-    auto tot = part.sum(0);
-    const T* s = tot.data_ptr<T>();
-    T G_m2 = s[2 * C + 0], G_b2 = s[2 * C + 1], G_bm = s[2 * C + 2], G_gd = s[2 * C + 3];
-    T G_B2 = s[2 * C + 4], G_uv = s[2 * C + 5], G_r = s[2 * C + 6];
-    // gd = max(1 + 2c uv + c^2 b2 m2, min), uv = -bm, B2 = 1 - c b2
-    const T gd_raw = T(1) + k.c * T(2) * (-k.bm) + k.c2 * k.b2 * k.m2;
-    if (gd_raw >= k.min_norm) {
-      G_uv += T(2) * k.c * G_gd;
-      G_b2 += k.c2 * k.m2 * G_gd;
-      G_m2 += k.c2 * k.b2 * G_gd;
-    }
-    G_b2 -= k.c * G_B2;
-    G_bm -= G_uv;
-    auto chan_mu = tot.narrow(0, 0, C);
-    auto chan_b = tot.narrow(0, C, C);
-    grad_mu = chan_mu + T(2) * G_m2 * mu + G_bm * beta;
-    grad_beta = chan_b + T(2) * G_b2 * beta + G_bm * mu;
-    grad_r = torch::full({1}, G_r, v.options());
+    reduce_backward_part<T>(part.sum(0), mu, beta, k, C, &grad_mu, &grad_beta, &grad_r);
   });
   return {grad_v, grad_mu, grad_beta, grad_r};
 }
@@ -1038,29 +1098,56 @@ std::vector<torch::Tensor> bn_train_backward(torch::Tensor v, torch::Tensor grad
   small_rescale(z);
   auto mu = from_doubles(z.mu, v.options());
   auto beta = from_doubles(z.beta, v.options());
-  auto res = bn_backward(v, mu, beta, grad, 0.0, z.r, c, t_max, proj_eps, min_norm,
-                         std::nullopt);
-  auto grad_v = res[0];
-  const auto g_mu = to_doubles(res[1]);
-  const double g_r = res[3].item<double>();
+  // One pass: the gradient through the output map, and the variance sum's gradient with unit
+  // weight in coefficient form (backward_impl<true, T, true>); a second pass (the midpoint
+  // sums' gradient) adds both scaled terms. (Without need_v the coefficients go unused.)
+  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
+  auto g = grad.contiguous();
+  TORCH_CHECK(g.sizes() == v.sizes() && g.scalar_type() == v.scalar_type(), "bad grad");
+  auto grad_v = torch::empty_like(v);
+  auto var_a = torch::empty({B * P}, v.options());
+  auto var_b = torch::empty({B * P}, v.options());
+  auto part = torch::zeros({std::max<int64_t>(tasks, 1), 3 * C + kGlobals + 2}, v.options());
+  torch::Tensor res_mu, res_beta, res_r, unit_mu;
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_train_backward", [&] {
+    using T = scalar_t;
+    const T* m = mu.data_ptr<T>();
+    auto k = make_consts<T>(c, t_max, proj_eps, min_norm, m, beta.data_ptr<T>(), C, z.r);
+    backward_impl<true, T, true>(v.data_ptr<T>(), m, beta.data_ptr<T>(), g.data_ptr<T>(), T(0),
+                                 grad_v.data_ptr<T>(), false, part.data_ptr<T>(), B, C, P, k,
+                                 var_a.data_ptr<T>(), var_b.data_ptr<T>());
+    auto tot = part.sum(0);
+    reduce_backward_part<T>(tot.narrow(0, 0, 2 * C + kGlobals), mu, beta, k, C, &res_mu,
+                            &res_beta, &res_r);
+    auto extra = tot.narrow(0, 2 * C + kGlobals, C + 2);
+    const T* e = extra.data_ptr<T>();
+    unit_mu = extra.narrow(0, 0, C) + (e[C] + T(2) * e[C + 1]) * mu;
+  });
+  const auto g_mu = to_doubles(res_mu);
+  const double g_r = res_r.item<double>();
   // r = |w| / sqrt(var + eps), var = S 4 / (c N)
   const double sd = std::sqrt(z.var + z.bn_eps);
   const double g_w = g_r * (w > 0 ? 1.0 : (w < 0 ? -1.0 : 0.0)) / sd;
   const double g_var = -g_r * z.r / (2 * (z.var + z.bn_eps));
   const double g_S = g_var * 4 / (z.c * z.count);
-  auto g_bt = from_doubles(small_beta_back(z, to_doubles(res[2])), torch::kDouble);
+  auto g_bt = from_doubles(small_beta_back(z, to_doubles(res_beta)), torch::kDouble);
   auto g_w_t = torch::full({}, g_w, torch::TensorOptions().dtype(torch::kDouble));
   if (!need_v) return {torch::Tensor(), g_bt, g_w_t};
-  // through sigma^2: the variance reduction's gradient, added in place
-  auto var_res = bn_backward(v, mu, torch::zeros_like(mu), std::nullopt, g_S, 0.0, c, t_max,
-                             proj_eps, min_norm, grad_v);
-  auto g_mu_var = to_doubles(var_res[1]);
+  // through sigma^2 (g_S times the unit-weight gradient) and mu (the midpoint sums)
+  const auto g_mu_var = to_doubles(unit_mu);
   std::vector<double> g_mu_tot(z.C);
-  for (int64_t i = 0; i < z.C; ++i) g_mu_tot[i] = g_mu[i] + g_mu_var[i];
-  // through mu: the midpoint sums' gradient, added in place
+  for (int64_t i = 0; i < z.C; ++i) g_mu_tot[i] = g_mu[i] + g_S * g_mu_var[i];
   const auto g_sums = small_midpoint_back(z, g_mu_tot);
   std::vector<double> g_s1(g_sums.begin(), g_sums.begin() + z.C);
-  mid_backward(v, from_doubles(g_s1, v.options()), g_sums[z.C], c, t_max, min_norm, grad_v);
+  auto g_s1_t = from_doubles(g_s1, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_train_backward_mid", [&] {
+    using T = scalar_t;
+    auto k = make_consts<T>(c, t_max, 0.0, min_norm, nullptr, nullptr, 0, 0.0);
+    mid_backward_impl<T>(v.data_ptr<T>(), g_s1_t.data_ptr<T>(), T(g_sums[z.C]),
+                         grad_v.data_ptr<T>(), true, B, C, P, k, var_a.data_ptr<T>(),
+                         var_b.data_ptr<T>(), mu.data_ptr<T>(), T(g_S));
+  });
   return {grad_v, g_bt, g_w_t};
 }
 
