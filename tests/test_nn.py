@@ -22,6 +22,7 @@ from poincare_resnet.nn import (
     PoincareLinear,
     PoincareResidual,
     TangentReLU,
+    init_poincare_weight,
 )
 
 F64 = torch.float64
@@ -178,6 +179,62 @@ def test_center_init_conv_keeps_pixel_directions(dtype):
     u = _tangent((2, 4, 5, 6), 1.0, dtype, seed=9)
     cos = F.cosine_similarity(conv(u), u, dim=1)
     torch.testing.assert_close(cos, torch.ones_like(cos), rtol=0, atol=_tol(dtype, 1e-6, 1e-12))
+
+
+@pytest.mark.parametrize("cin", [8, 32])
+def test_kaiming_init_keeps_relu_tangent_second_moment(cin):
+    """He init of the effective weight ``2·s·z``: near the origin a conv layer maps the second
+    moment of a ReLU'd input ``E[u²]`` to ``2·E[u²]`` per output (the He fixed point)."""
+    torch.manual_seed(0)
+    conv = PoincareConv2d(cin, 64, 3, padding=1, c=0.1, init="kaiming").double()
+    w = conv.weight.detach()
+    expected_std = math.sqrt(2 / (cin * 9)) / (2 * conv.scale)
+    assert abs(float(w.std()) / expected_std - 1) < 0.05
+    u = torch.relu(torch.randn(16, cin, 12, 12, generator=_gen(1), dtype=F64)) * 1e-3
+    with torch.no_grad():
+        out = conv(u)[:, :, 1:-1, 1:-1]  # interior: full 3×3 windows
+    ratio = float(out.pow(2).mean() / u.pow(2).mean())
+    assert 1.7 < ratio < 2.3, ratio
+    lin = PoincareLinear(256, 256, init="kaiming").double()
+    assert abs(float(lin.weight.std()) / math.sqrt(2 / 256) * 2 - 1) < 0.05
+
+
+def test_kaiming_init_rejects_bad_scale():
+    with pytest.raises(ValueError, match="positive scale"):
+        init_poincare_weight(torch.empty(3, 4), "kaiming", scale=0.0)
+
+
+@pytest.mark.parametrize("cls", ["conv", "linear"])
+def test_center_weight_equals_layer_with_centred_normals(cls, dtype):
+    """``center_weight=True`` is the plain layer evaluated with ``z − mean(z)`` per output."""
+    torch.manual_seed(3)
+    if cls == "conv":
+        layer = PoincareConv2d(3, 5, 3, padding=1, c=0.5, init="hnn", center_weight=True)
+        plain = PoincareConv2d(3, 5, 3, padding=1, c=0.5, init="hnn")
+        u = _tangent((2, 3, 6, 7), 0.5, dtype, seed=4)
+    else:
+        layer = PoincareLinear(6, 4, c=0.5, init="hnn")
+        layer.center_weight = True
+        plain = PoincareLinear(6, 4, c=0.5, init="hnn")
+        u = _tangent((5, 6), 0.5, dtype, seed=4)
+    layer, plain = layer.to(dtype), plain.to(dtype)
+    with torch.no_grad():
+        layer.weight.normal_(0.3, 1.0)  # a clear common offset to remove
+        layer.bias.normal_(0.0, 0.2)
+        flat = layer.weight.flatten(1)
+        plain.weight.copy_((flat - flat.mean(1, keepdim=True)).view_as(layer.weight))
+        plain.bias.copy_(layer.bias)
+    _close(layer(u), plain(u), _tol(dtype, 1e-5, 1e-12))
+    zhat, _ = layer._unit_weight()
+    sums = zhat.flatten(1).sum(1)
+    torch.testing.assert_close(sums, torch.zeros_like(sums), rtol=0, atol=_tol(dtype, 1e-5, 1e-12))
+    layer(u).sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    # the gradient has no component along the centred-out direction (the per-output mean)
+    gmean = layer.weight.grad.flatten(1).mean(1)
+    torch.testing.assert_close(
+        gmean, torch.zeros_like(gmean), rtol=0, atol=_tol(dtype, 1e-5, 1e-10)
+    )
 
 
 # ============================================================================ PoincareLinear

@@ -36,8 +36,10 @@ class PoincareConv2d(_PoincareFCBase):
         c: float | Curvature = 0.1,
         init: str = "identity",
         legacy_lambda: bool = False,
+        center_weight: bool = False,
     ) -> None:
         super().__init__()
+        self.center_weight = bool(center_weight)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride)
@@ -67,5 +69,5 @@ class PoincareConv2d(_PoincareFCBase):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
-            f"init={self.init!r}"
+            f"init={self.init!r}" + (", center_weight=True" if self.center_weight else "")
         )

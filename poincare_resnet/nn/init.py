@@ -7,6 +7,10 @@
   convolutions; **not the paper's** initialisation.
 * ``"hnn"`` — HNN++ normal ``N(0, (2·n·m)^-½)`` with ``n`` the flattened input size and ``m`` the
   outputs; it makes tangent norms collapse in deep stacks.
+* ``"kaiming"`` — He-normal for the layer's effective Euclidean weight near the origin. For small
+  tangent inputs the layer is linear, ``v ≈ 2·s·W·p`` (``s`` the β-concatenation ratio of a conv,
+  1 for a linear layer), so ``weight ~ N(0, σ²)`` with ``σ = √(2/n) / (2s)`` keeps the tangent
+  variance of a ReLU network across layers. Meant for normalisation-free networks.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import math
 import torch
 from torch import Tensor
 
-INITS = ("identity", "center", "hnn")
+INITS = ("identity", "center", "hnn", "kaiming")
 
 
 @torch.no_grad()
-def init_poincare_weight(weight: Tensor, init: str) -> Tensor:
-    """Initialise ``weight`` in place (see the module docstring) and return it."""
+def init_poincare_weight(weight: Tensor, init: str, scale: float = 1.0) -> Tensor:
+    """Initialise ``weight`` in place (see the module docstring) and return it.
+
+    ``scale`` is the β-concatenation ratio ``s`` of a convolution (used by ``"kaiming"`` only).
+    """
     out = weight.shape[0]
     flat = weight.view(out, -1)
     n_in = flat.shape[1]
@@ -39,6 +46,10 @@ def init_poincare_weight(weight: Tensor, init: str) -> Tensor:
             weight[torch.arange(k), torch.arange(k), cy, cx] = 0.5
     elif init == "hnn":
         weight.normal_(0.0, (2.0 * n_in * out) ** -0.5)
+    elif init == "kaiming":
+        if not scale > 0:
+            raise ValueError(f"init 'kaiming' needs a positive scale, got {scale}")
+        weight.normal_(0.0, math.sqrt(2.0 / n_in) / (2.0 * scale))
     else:
         raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
     return weight

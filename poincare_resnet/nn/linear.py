@@ -57,15 +57,24 @@ class _PoincareFCBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_poincare_weight(self.weight, self.init)
+        init_poincare_weight(self.weight, self.init, getattr(self, "scale", 1.0))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    center_weight: bool = False
+
     def _unit_weight(self) -> tuple[Tensor, Tensor]:
-        """Return (ẑ = z/‖z‖, ‖z‖) with the norm over everything but the output axis."""
+        """Return (ẑ = z/‖z‖, ‖z‖) with the norm over everything but the output axis.
+
+        With ``center_weight`` each normal is first centred over its inputs, ``z ← z − mean(z)``
+        (the centring half of weight standardisation): the layer then ignores the mean of its
+        input, so a ReLU's positive mean cannot shift the activations of a network without
+        batch norm layer after layer."""
         flat = self.weight.flatten(1)
+        if self.center_weight:
+            flat = flat - flat.mean(1, keepdim=True)
         znorm = flat.norm(dim=1).clamp_min(MIN_NORM)
-        return self.weight / znorm.view(-1, *([1] * (self.weight.dim() - 1))), znorm
+        return (flat / znorm.unsqueeze(1)).view_as(self.weight), znorm
 
     def _fc(self, dots: Tensor, sq: Tensor, znorm: Tensor, dim: int) -> Tensor:
         c = self.curvature()
