@@ -125,7 +125,9 @@ def test_norm_free(tmp_path):
     init = [r for r in rows if r["part"] == "init"]
     train = [r for r in rows if r["part"] == "train"]
     assert {(r["variant"], r["depth"]) for r in init} == {
-        (v, d) for v in ("scaled", "unscaled", "batchnorm") for d in (8, 14)
+        (v, d)
+        for v in ("scaled", "unscaled", "scaled-identity", "unscaled-identity", "batchnorm")
+        for d in (8, 14)
     }
     for r in init:
         for key in ("feature_map_norm", "feature_norm", "logit_norm"):

@@ -12,6 +12,7 @@ import torch._dynamo.testing
 from torch import nn
 
 from poincare_resnet.models import (
+    NORM_FREE,
     EuclideanResNet,
     HybridResNet,
     PoincareResNet,
@@ -19,7 +20,7 @@ from poincare_resnet.models import (
     list_models,
     registry,
 )
-from poincare_resnet.nn import PoincareBatchNorm2d
+from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d
 
 # depth 110 is covered for one family only (the Poincaré ones take ~1 s each at depth 110)
 ALL_MODELS = list_models()
@@ -206,6 +207,7 @@ def test_poincare_resnet_identity_init_records_kwargs():
         {"norm": "none", "residual_scale": "auto"},
         {"norm": "none", "residual_scale": "learnable"},
         {"norm": "none", "residual_scale": 0.5},
+        {"init": "kaiming", "center_weight": True, "head_init": "identity"},
     ],
     ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()),
 )
@@ -226,6 +228,21 @@ def test_poincare_resnet_options_build_and_run(kwargs):
             assert block.alpha_value == pytest.approx(1 / 3**0.5)  # depth 8: 3 blocks
         else:
             assert block.alpha_value == 0.5
+
+
+def test_norm_free_models_use_the_norm_free_options():
+    model = create_model("poincare_resnet20_nf", num_classes=10, in_chans=1)
+    assert not any(isinstance(m, PoincareBatchNorm2d) for m in model.modules())
+    convs = [m for m in model.modules() if isinstance(m, PoincareConv2d)]
+    assert len(convs) == 21 and all(m.init == "kaiming" and m.center_weight for m in convs)
+    assert model.fc.init == "identity" and not model.fc.center_weight
+    assert model.layer3[2].alpha_value == pytest.approx(1 / 3)  # ResNet-20: 9 blocks
+    # the options are the documented ones, and each can still be overridden
+    assert NORM_FREE["norm"] == "none" and NORM_FREE["residual_scale"] == "auto"
+    plain = create_model("poincare_resnet20_nf", center_weight=False, head_init="hnn")
+    assert not plain.stem[0].center_weight and plain.fc.init == "hnn"
+    with pytest.raises(ValueError, match="unknown init"):
+        PoincareResNet(depth=8, head_init="zeros")
 
 
 def test_poincare_resnet_learnable_curvature_gets_gradient():

@@ -1,12 +1,14 @@
 """``norm-free``: Poincaré ResNets without batch norm.
 
-(a) Output tangent norm at initialisation vs depth for ``PoincareResNet(depth, norm="none")``
-with ``residual_scale="auto"`` (α = 1/√blocks on every residual branch) and ``None``
-(unscaled), and with batch norm for reference. Inputs are uniform random images in [-1, 1];
-``feature_map_norm`` is the mean per-pixel tangent norm of the last stage's output,
-``feature_norm`` the norm of the pooled features and ``logit_norm`` the logits' norm. Every
-tangent norm is capped at ``artanh(1 − ε)/√c`` (≈ 9.82 at c = 0.1, float32) by the ball
-projection, so an unscaled network's growth saturates there.
+(a) Output tangent norm at initialisation vs depth for ``PoincareResNet(depth, **NORM_FREE)``
+(the ``_nf`` models: no batch norm, α = 1/√blocks on every residual branch, He init and centred
+weights for the convolutions), the same with ``residual_scale=None`` (unscaled), both with the
+paper's identity init (``-identity``), and with batch norm for reference. Inputs are uniform
+random images in [-1, 1]; ``feature_map_norm`` is the mean per-pixel tangent norm of the last
+stage's output, ``feature_norm`` the norm of the pooled features and ``logit_norm`` the logits'
+norm. Every tangent norm is capped at ``artanh(1 − ε)/√c`` (≈ 9.82 at c = 0.1, float32) by the
+ball projection, so an unscaled network's growth saturates there: with He init the unscaled
+network is already near it at depth 20 (each unscaled block doubles the tangent variance).
 
 (b) Training of ``poincare_resnet20_nf`` vs ``poincare_resnet20`` with one recipe.
 """
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from ..evaluation.plots import write_table
-from ..models import PoincareResNet
+from ..models import NORM_FREE, PoincareResNet
 from ..training.trainer import NonFiniteError, TrainConfig, resolve_device, train
 from ._common import (
     Log,
@@ -35,13 +37,17 @@ from ._common import (
 
 SLUG = "norm_free"
 VARIANTS: dict[str, dict[str, Any]] = {
-    "scaled": {"norm": "none", "residual_scale": "auto"},
-    "unscaled": {"norm": "none", "residual_scale": None},
+    "scaled": dict(NORM_FREE),  # as poincare_resnet*_nf
+    "unscaled": {**NORM_FREE, "residual_scale": None},
+    "scaled-identity": {"norm": "none", "residual_scale": "auto"},  # the paper's init
+    "unscaled-identity": {"norm": "none", "residual_scale": None},
     "batchnorm": {"norm": "batch", "residual_scale": None},
 }
 LABELS = {
-    "scaled": "no norm, α = 1/√blocks",
+    "scaled": "no norm, α = 1/√blocks (the _nf models)",
     "unscaled": "no norm, unscaled",
+    "scaled-identity": "no norm, α = 1/√blocks, identity init",
+    "unscaled-identity": "no norm, unscaled, identity init",
     "batchnorm": "batch norm (reference)",
 }
 TRAIN_MODELS = ("poincare_resnet20_nf", "poincare_resnet20")
@@ -165,7 +171,7 @@ def run(
     summary = _summary(init_rows, depths)
     summary["train"] = {r["model"]: r.get("test_top1") for r in train_rows}
     write_json(out / f"{SLUG}_summary.json", summary)
-    for v in ("scaled", "unscaled"):
+    for v in ("scaled", "unscaled", "scaled-identity", "unscaled-identity"):
         if v in summary:
             s = summary[v]
             log(

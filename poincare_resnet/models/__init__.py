@@ -2,6 +2,7 @@
 
 from .registry import DEPTHS, create_model, list_models, register_model, resolve_model_name
 from .resnet import (
+    NORM_FREE,
     EuclideanResNet,
     HybridResNet,
     PoincareBasicBlock,
@@ -11,6 +12,7 @@ from .resnet import (
 
 __all__ = [
     "DEPTHS",
+    "NORM_FREE",
     "create_model",
     "list_models",
     "register_model",

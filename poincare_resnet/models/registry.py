@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from .resnet import EuclideanResNet, HybridResNet, PoincareResNet, blocks_per_stage
+from .resnet import NORM_FREE, EuclideanResNet, HybridResNet, PoincareResNet, blocks_per_stage
 
 DEPTHS = (20, 32, 44, 56, 110)
 _FAMILIES: dict[str, type[nn.Module]] = {
@@ -40,13 +40,7 @@ for _family, _cls in _FAMILIES.items():
         register_model(f"{_family}_resnet{_depth}", _cls, depth=_depth)
         register_model(f"{_family}_resnet{_depth}_w16", _cls, depth=_depth, widths=(16, 32, 64))
 for _depth in DEPTHS:
-    register_model(
-        f"poincare_resnet{_depth}_nf",
-        PoincareResNet,
-        depth=_depth,
-        norm="none",
-        residual_scale="auto",
-    )
+    register_model(f"poincare_resnet{_depth}_nf", PoincareResNet, depth=_depth, **NORM_FREE)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -28,6 +28,17 @@ from ..nn import (
 
 NORMS = ("batch", "none")
 
+#: The ``poincare_resnet*_nf`` models: no batch norm, residual branches scaled by 1/√blocks,
+#: He-initialised centred conv weights, the paper's identity init for the head (see
+#: :class:`PoincareResNet`).
+NORM_FREE = {
+    "norm": "none",
+    "residual_scale": "auto",
+    "init": "kaiming",
+    "head_init": "identity",
+    "center_weight": True,
+}
+
 
 def blocks_per_stage(depth: int) -> int:
     """``n`` for a depth ``6n + 2`` ResNet; raises ``ValueError`` otherwise."""
@@ -101,7 +112,7 @@ class PoincareBasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int, curvature: Curvature, opts: dict) -> None:
         super().__init__()
-        conv = dict(c=curvature, init=opts["init"], bias=True)
+        conv = dict(c=curvature, init=opts["init"], bias=True, center_weight=opts["center_weight"])
         self.conv1 = PoincareConv2d(cin, cout, 3, stride=stride, padding=1, **conv)
         self.bn1 = opts["make_norm"](cout)
         self.relu = TangentReLU()
@@ -133,12 +144,17 @@ class PoincareResNet(_ResNetBase):
     every layer works on the ball of curvature −c (``c = 0.1`` in the paper), passing tangent
     maps between layers (SPEC §5). The logits are ``logmap0`` of the Poincaré FC head's output.
 
-    Options: ``init`` (``"identity"``, ``"center"``, ``"hnn"``), ``bn_mean`` (``"midpoint"`` or
-    ``"frechet"``), ``bn_eval_batch_stats`` (the paper's eval with batch statistics),
-    ``residual_order`` (``"f+res"`` or ``"res+f"``), ``learnable_c`` (one curvature shared by
-    all layers, stored as ``softplus⁻¹(c)``), ``pool`` (``"tangent"`` or ``"midpoint"``),
-    ``norm="none"`` with ``residual_scale`` (``"auto"`` = 1/√(blocks), ``"learnable"`` =
-    SkipInit-style α initialised at 0, or a float) for a normalisation-free network.
+    Options: ``init`` (``"identity"``, ``"center"``, ``"hnn"``, ``"kaiming"``), ``bn_mean``
+    (``"midpoint"`` or ``"frechet"``), ``bn_eval_batch_stats`` (the paper's eval with batch
+    statistics), ``residual_order`` (``"f+res"`` or ``"res+f"``), ``learnable_c`` (one
+    curvature shared by all layers, stored as ``softplus⁻¹(c)``), ``pool`` (``"tangent"`` or
+    ``"midpoint"``), ``norm="none"`` with ``residual_scale`` (``"auto"`` = 1/√(blocks),
+    ``"learnable"`` = SkipInit-style α initialised at 0, or a float) for a normalisation-free
+    network, ``center_weight`` (every conv's normals centred over their inputs, the centring
+    half of weight standardisation) and ``head_init`` (the FC head's init; default ``init``).
+    :data:`NORM_FREE` holds the options of the registered ``poincare_resnet*_nf`` models: with
+    the paper's identity init and uncentred weights a norm-free network trains markedly slower
+    (``docs/results/norm-free/``).
     """
 
     def __init__(
@@ -157,6 +173,8 @@ class PoincareResNet(_ResNetBase):
         pool: str = "tangent",
         norm: str = "batch",
         residual_scale: float | str | None = None,
+        center_weight: bool = False,
+        head_init: str | None = None,
     ) -> None:
         super().__init__()
         n = blocks_per_stage(depth)
@@ -190,9 +208,12 @@ class PoincareResNet(_ResNetBase):
             make_norm=make_norm,
             residual_order=residual_order,
             residual_scale=residual_scale,
+            center_weight=center_weight,
         )
         self.stem = nn.Sequential(
-            PoincareConv2d(in_chans, widths[0], 3, padding=1, c=cur, init=init),
+            PoincareConv2d(
+                in_chans, widths[0], 3, padding=1, c=cur, init=init, center_weight=center_weight
+            ),
             make_norm(widths[0]),
             TangentReLU(),
         )
@@ -200,7 +221,7 @@ class PoincareResNet(_ResNetBase):
             widths, n, lambda cin, w, stride: PoincareBasicBlock(cin, w, stride, cur, opts)
         )
         self.pool = PoincareGlobalAvgPool2d(pool, c=cur)
-        self.fc = PoincareLinear(widths[2], num_classes, c=cur, init=init)
+        self.fc = PoincareLinear(widths[2], num_classes, c=cur, init=head_init or init)
 
 
 # ------------------------------------------------------------------------------ Euclidean
