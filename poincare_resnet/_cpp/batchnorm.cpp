@@ -1100,29 +1100,38 @@ std::vector<torch::Tensor> bn_train_backward(torch::Tensor v, torch::Tensor grad
   auto beta = from_doubles(z.beta, v.options());
   // One pass: the gradient through the output map, and the variance sum's gradient with unit
   // weight in coefficient form (backward_impl<true, T, true>); a second pass (the midpoint
-  // sums' gradient) adds both scaled terms. (Without need_v the coefficients go unused.)
+  // sums' gradient) adds both scaled terms. Without need_v only the first pass runs, without
+  // the variance chain.
   const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   auto g = grad.contiguous();
   TORCH_CHECK(g.sizes() == v.sizes() && g.scalar_type() == v.scalar_type(), "bad grad");
   auto grad_v = torch::empty_like(v);
-  auto var_a = torch::empty({B * P}, v.options());
-  auto var_b = torch::empty({B * P}, v.options());
-  auto part = torch::zeros({std::max<int64_t>(tasks, 1), 3 * C + kGlobals + 2}, v.options());
+  auto var_a = torch::empty({need_v ? B * P : 0}, v.options());
+  auto var_b = torch::empty({need_v ? B * P : 0}, v.options());
+  const int64_t width = 2 * C + kGlobals + (need_v ? C + 2 : 0);  // backward_impl's row layout
+  auto part = torch::zeros({std::max<int64_t>(tasks, 1), width}, v.options());
   torch::Tensor res_mu, res_beta, res_r, unit_mu;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_train_backward", [&] {
     using T = scalar_t;
     const T* m = mu.data_ptr<T>();
     auto k = make_consts<T>(c, t_max, proj_eps, min_norm, m, beta.data_ptr<T>(), C, z.r);
-    backward_impl<true, T, true>(v.data_ptr<T>(), m, beta.data_ptr<T>(), g.data_ptr<T>(), T(0),
-                                 grad_v.data_ptr<T>(), false, part.data_ptr<T>(), B, C, P, k,
-                                 var_a.data_ptr<T>(), var_b.data_ptr<T>());
+    if (need_v) {
+      backward_impl<true, T, true>(v.data_ptr<T>(), m, beta.data_ptr<T>(), g.data_ptr<T>(),
+                                   T(0), grad_v.data_ptr<T>(), false, part.data_ptr<T>(), B, C,
+                                   P, k, var_a.data_ptr<T>(), var_b.data_ptr<T>());
+    } else {  // only the parameters' gradients: no variance chain
+      backward_impl<true, T>(v.data_ptr<T>(), m, beta.data_ptr<T>(), g.data_ptr<T>(), T(0),
+                             grad_v.data_ptr<T>(), false, part.data_ptr<T>(), B, C, P, k);
+    }
     auto tot = part.sum(0);
     reduce_backward_part<T>(tot.narrow(0, 0, 2 * C + kGlobals), mu, beta, k, C, &res_mu,
                             &res_beta, &res_r);
-    auto extra = tot.narrow(0, 2 * C + kGlobals, C + 2);
-    const T* e = extra.data_ptr<T>();
-    unit_mu = extra.narrow(0, 0, C) + (e[C] + T(2) * e[C + 1]) * mu;
+    if (need_v) {
+      auto extra = tot.narrow(0, 2 * C + kGlobals, C + 2);
+      const T* e = extra.data_ptr<T>();
+      unit_mu = extra.narrow(0, 0, C) + (e[C] + T(2) * e[C + 1]) * mu;
+    }
   });
   const auto g_mu = to_doubles(res_mu);
   const double g_r = res_r.item<double>();

@@ -45,6 +45,8 @@ class _PoincareFCBase(nn.Module):
 
     weight: Tensor
     bias: Tensor | None
+    scale: float = 1.0  # β-concatenation ratio of the input (a conv's; 1 for a linear layer)
+    center_weight: bool = False  # centre each normal over its inputs (see _unit_weight)
 
     def _setup(self, weight_shape, bias: bool, c, init: str, legacy_lambda: bool) -> None:
         if init not in INITS:
@@ -57,11 +59,9 @@ class _PoincareFCBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_poincare_weight(self.weight, self.init, getattr(self, "scale", 1.0))
+        init_poincare_weight(self.weight, self.init, self.scale)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
-
-    center_weight: bool = False
 
     def _unit_weight(self) -> tuple[Tensor, Tensor]:
         """Return (ẑ = z/‖z‖, ‖z‖) with the norm over everything but the output axis.
