@@ -95,7 +95,8 @@ def load_kernel(name: str) -> ModuleType | None:
 
             source = _HERE / f"{name}.cpp"
             cflags, tag = _build_flags()
-            key = "|".join([source.read_text(), *cflags, torch.__version__])
+            headers = [h.read_text() for h in sorted(_HERE.glob("*.h"))]  # shared includes
+            key = "|".join([source.read_text(), *headers, *cflags, torch.__version__])
             digest = hashlib.sha256(key.encode()).hexdigest()[:12]
             module = cpp_extension.load(
                 name=f"poincare_resnet_{name}_{tag}_{digest}",

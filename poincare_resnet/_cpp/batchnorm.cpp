@@ -23,6 +23,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "fastmath.h"
+
 #include <algorithm>
 #include <vector>
 
@@ -52,8 +54,8 @@ struct Pack {
   }
   PACK_UNARY(neg, v[j].neg())
   PACK_UNARY(sqrt, v[j].sqrt())
-  PACK_UNARY(tanh, v[j].tanh())
-  PACK_UNARY(atanh, v[j].atanh())
+  PACK_UNARY(tanh, poincare_fastmath::tanh(v[j]))
+  PACK_UNARY(atanh, poincare_fastmath::atanh(v[j]))
 #undef PACK_UNARY
 };
 

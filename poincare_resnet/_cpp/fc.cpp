@@ -10,11 +10,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "fastmath.h"
+
 #include <algorithm>
 #include <type_traits>
 #include <vector>
 
 using at::vec::Vectorized;
+namespace fm = poincare_fastmath;
 
 namespace {
 
@@ -53,35 +56,6 @@ inline T hsum(const Vectorized<T>& v) {
   return s;
 }
 
-// asinh(q) = sign(q) log1p(|q| + q^2 / (1 + sqrt(1 + q^2))): SLEEF's asinh is several times
-// slower; this form is accurate for small and large |q|. Also returns sqrt(1 + q^2).
-template <typename V>
-inline V fast_asinh(const V& q, V* root) {
-  const V one(1);
-  V a = q.abs();
-  V a2 = a * a;
-  V r = (one + a2).sqrt();
-  *root = r;
-  return (a + a2 / (one + r)).log1p().copysign(q);
-}
-
-// float: sinh(g) = (E - 1/E)/2 with E = exp(g) (the fast 20-ulp exp), and the odd Taylor
-// series through g^9 for |g| < 0.5 where the difference would cancel (~2e-6 relative at worst).
-// double (tests, gradcheck): SLEEF's 1-ulp sinh.
-template <typename V>
-inline V fast_sinh(const V& g) {
-  using T = typename V::value_type;
-  if constexpr (std::is_same_v<T, double>) {
-    return g.sinh();
-  }
-  V E = g.exp_u20();
-  V big = (E - E.reciprocal()) * V(T(0.5));
-  V g2 = g * g;
-  V series = g * (V(1) + g2 * (V(T(1.0 / 6)) + g2 * (V(T(1.0 / 120)) +
-                                g2 * (V(T(1.0 / 5040)) + g2 * V(T(1.0 / 362880))))));
-  return V::blendv(big, series, g.abs() < V(T(0.5)));
-}
-
 // kappa (and kappa' |psi| when wanted) from |psi|^2, vectorised over pixels.
 template <typename T>
 inline void kappa_terms(const Vectorized<T>& p2, const Params<T>& prm, Vectorized<T>* kappa,
@@ -89,7 +63,8 @@ inline void kappa_terms(const Vectorized<T>& p2, const Params<T>& prm, Vectorize
   using V = Vectorized<T>;
   const V one(1), mn2(prm.min_norm * prm.min_norm), inv2sc(T(1) / (2 * prm.sc));
   V p = at::vec::maximum(p2, mn2).sqrt();
-  V rho = p.asinh();
+  V root;
+  V rho = fm::asinh(p, &root);
   V small = p < V(prm.small_p);
   V clipped = rho > V(prm.out_limit);
   V series = one - p2 / V(6) + V(T(3) / T(40)) * p2 * p2;
@@ -99,7 +74,7 @@ inline void kappa_terms(const Vectorized<T>& p2, const Params<T>& prm, Vectorize
   *pn = p;
   if (kp2 != nullptr) {
     V kser = p2 * (V(T(-1) / T(3)) + V(T(0.3)) * p2 - V(T(0.267857)) * p2 * p2);
-    V kex = one / (one + p2).sqrt() - kb;
+    V kex = one / root - kb;  // root = sqrt(1 + p^2)
     V d = V::blendv(kex, kser, small) * inv2sc;
     *kp2 = V::blendv(d, V(0) - k, clipped);
   }
@@ -118,8 +93,8 @@ inline void input_terms(const Vectorized<T>& sq, const Params<T>& prm, Vectorize
   V small = t < V(prm.small_p);
   V t2 = t * t;
   V two_tc = tc + tc;
-  V sinh2t = two_tc.sinh();
-  V cosh2t = two_tc.cosh();
+  V sinh2t, cosh2t;
+  fm::sinh_cosh(two_tc, &sinh2t, &cosh2t);
   V series = sc * (V(2) + t2 * (V(T(4.0 / 3)) + V(T(4.0 / 15)) * t2));
   V av = V::blendv(sinh2t / n, series, small);
   *a = av;
@@ -165,7 +140,7 @@ void forward_impl(const T* dots, const T* SQ, const T* ch, const T* sh, const T*
           const int64_t m = std::min<int64_t>(V::size(), n - i);
           V q = ld<V>(a + i, m) * ld<V>(d + i, m) * vch - ld<V>(e + i, m) * vsh;
           V root;
-          V psi = fast_sinh(at::vec::clamp(vzn * fast_asinh(q, &root), nlim, lim));
+          V psi = fm::sinh(at::vec::clamp(vzn * fm::asinh(q, &root), nlim, lim));
           st(psi, o + i, m);
           st(ld<V>(p2buf + i, m) + psi * psi, p2buf + i, m);
         }
@@ -224,8 +199,8 @@ void backward_impl(const T* grad, const T* dots, const T* SQ, const T* ch, const
           const int64_t m = std::min<int64_t>(V::size(), n - i);
           V q = ld<V>(a + i, m) * ld<V>(d + i, m) * vch - ld<V>(e + i, m) * vsh;
           V root;
-          V h = fast_asinh(q, &root);
-          V psi = fast_sinh(at::vec::clamp(vzn * h, nlim, lim));
+          V h = fm::asinh(q, &root);
+          V psi = fm::sinh(at::vec::clamp(vzn * h, nlim, lim));
           st(psi, psis + c * kBlock + i, m);
           st(h, hs + c * kBlock + i, m);
           st(root, roots + c * kBlock + i, m);  // sqrt(1 + q^2)

@@ -1,0 +1,108 @@
+// Fast float32 transcendental functions for the native kernels, on ATen's SIMD Vectorized types.
+//
+// SLEEF's 1-ulp tanh, atanh, sinh, cosh, asinh and log1p cost several times a plain exp or log;
+// in the layers' per-pixel and per-element chains they were the largest cost. For float each
+// function here is one fast exp or log plus a few arithmetic operations, and switches to its odd
+// Taylor series for small arguments, where the closed form would cancel (the largest relative
+// error is ~1e-6, below what the float32 layer tests allow). For double (the tests, gradcheck)
+// each returns SLEEF's or the exact closed form, so the float64 kernels keep matching PyTorch to
+// rounding.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace poincare_fastmath {
+
+template <typename V>
+inline V odd_series(const V& x, const V& x2, double c3, double c5, double c7, double c9) {
+  using T = typename V::value_type;
+  V poly = at::vec::fmadd(V(T(c9)), x2, V(T(c7)));
+  poly = at::vec::fmadd(poly, x2, V(T(c5)));
+  poly = at::vec::fmadd(poly, x2, V(T(c3)));
+  return at::vec::fmadd(x * x2, poly, x);
+}
+
+constexpr double kSeriesBelow = 0.125;  // |x| below which the odd series is used (float)
+
+// asinh(q); also returns sqrt(1 + q^2). double: sign(q) log1p(|q| + q^2 / (1 + sqrt(1 + q^2))).
+// float: sign(q) log(|q| + sqrt(1 + q^2)), series through q^9 for |q| < 1/8.
+template <typename V>
+inline V asinh(const V& q, V* root) {
+  using T = typename V::value_type;
+  const V one(1);
+  V a = q.abs();
+  V a2 = a * a;
+  V r = (one + a2).sqrt();
+  *root = r;
+  if constexpr (std::is_same_v<T, double>) {
+    return (a + a2 / (one + r)).log1p().copysign(q);
+  } else {
+    V big = (a + r).log();
+    V series = odd_series(a, a2, -1.0 / 6, 3.0 / 40, -15.0 / 336, 105.0 / 3456);
+    return V::blendv(big, series, a < V(T(kSeriesBelow))).copysign(q);
+  }
+}
+
+// sinh(g). double: SLEEF. float: (E - 1/E)/2 with E = exp(g) (the fast 20-ulp exp), series
+// through g^9 for |g| < 1/2 (relative error ~2e-6 at worst there).
+template <typename V>
+inline V sinh(const V& g) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return g.sinh();
+  } else {
+    V E = g.exp_u20();
+    V big = (E - E.reciprocal()) * V(T(0.5));
+    V series = odd_series(g, g * g, 1.0 / 6, 1.0 / 120, 1.0 / 5040, 1.0 / 362880);
+    return V::blendv(big, series, g.abs() < V(T(0.5)));
+  }
+}
+
+// (sinh(x), cosh(x)) for x >= 0. float: cosh = sqrt(1 + sinh^2) (no cancellation, cosh >= 1).
+template <typename V>
+inline void sinh_cosh(const V& x, V* sh, V* ch) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    *sh = x.sinh();
+    *ch = x.cosh();
+  } else {
+    *sh = sinh(x);
+    *ch = (V(T(1)) + *sh * *sh).sqrt();
+  }
+}
+
+// tanh(x). double: SLEEF. float: sign(x) (1 - 2e/(1 + e)), e = exp(-2|x|), series below 1/8.
+// (Near saturation 1 - 2e/(1 + e) rounds once, so 1 - tanh^2 keeps its relative accuracy.)
+template <typename V>
+inline V tanh(const V& x) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return x.tanh();
+  } else {
+    const V one(1);
+    V a = x.abs();
+    V e = (V(T(-2)) * a).exp_u20();
+    V big = one - (e + e) / (one + e);
+    V series = odd_series(a, a * a, -1.0 / 3, 2.0 / 15, -17.0 / 315, 62.0 / 2835);
+    return V::blendv(big, series, a < V(T(kSeriesBelow))).copysign(x);
+  }
+}
+
+// atanh(x), |x| < 1. double: SLEEF. float: sign(x) log((1 + |x|)/(1 - |x|))/2, series below 1/8.
+template <typename V>
+inline V atanh(const V& x) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return x.atanh();
+  } else {
+    const V one(1);
+    V a = x.abs();
+    V big = V(T(0.5)) * ((one + a) / (one - a)).log();
+    V series = odd_series(a, a * a, 1.0 / 3, 1.0 / 5, 1.0 / 7, 1.0 / 9);
+    return V::blendv(big, series, a < V(T(kSeriesBelow))).copysign(x);
+  }
+}
+
+}  // namespace poincare_fastmath
