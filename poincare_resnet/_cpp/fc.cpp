@@ -13,7 +13,6 @@
 #include "fastmath.h"
 
 #include <algorithm>
-#include <type_traits>
 #include <vector>
 
 using at::vec::Vectorized;
