@@ -777,8 +777,16 @@ void backward_impl(const T* v, const T* mu, const T* beta, const T* grad, T g_s,
 }
 
 // ---------------------------------------------------------------- bindings
+// v: a contiguous [B, C, ...] map; P = the product of the trailing sizes. The Python side
+// passes [B, C, H*W] views: torch.compile then saves and passes the kernels' buffers as they
+// are (a 4-D map downstream of a convolution gets a channels-last copy when it is saved).
+int64_t pixels(const torch::Tensor& v) {
+  const int64_t rows = v.size(0) * v.size(1);
+  return rows == 0 ? 0 : v.numel() / rows;
+}
+
 void check_map(const torch::Tensor& v) {
-  TORCH_CHECK(v.dim() == 4 && v.is_contiguous(), "v must be a contiguous [B, C, H, W] map");
+  TORCH_CHECK(v.dim() >= 3 && v.is_contiguous(), "v must be a contiguous [B, C, ...] map");
   TORCH_CHECK(v.device().is_cpu(), "native batch norm runs on CPU tensors");
 }
 
@@ -790,7 +798,7 @@ void check_vec(const torch::Tensor& t, const torch::Tensor& v) {
 
 torch::Tensor mid_forward(torch::Tensor v, double c, double t_max, double min_norm) {
   check_map(v);
-  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   auto part = torch::zeros({std::max<int64_t>(tasks, 1), C + 1}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mid_forward", [&] {
@@ -814,7 +822,7 @@ torch::Tensor mid_backward(torch::Tensor v, torch::Tensor g_s1, double g_s0, dou
   check_map(v);
   g_s1 = g_s1.contiguous();
   check_vec(g_s1, v);
-  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const bool accumulate = into.has_value() && into->defined();
   auto grad_v = grad_buffer(v, into);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mid_backward", [&] {
@@ -830,7 +838,7 @@ torch::Tensor bn_var(torch::Tensor v, torch::Tensor mu, double c, double t_max, 
                      double min_norm) {
   check_map(v);
   check_vec(mu, v);
-  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   auto part = torch::zeros({std::max<int64_t>(tasks, 1)}, v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_var", [&] {
@@ -846,7 +854,7 @@ torch::Tensor bn_out(torch::Tensor v, torch::Tensor mu, torch::Tensor beta, doub
   check_map(v);
   check_vec(mu, v);
   check_vec(beta, v);
-  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   auto out = torch::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_out", [&] {
     const scalar_t* m = mu.data_ptr<scalar_t>();
@@ -898,7 +906,7 @@ std::vector<torch::Tensor> bn_backward(torch::Tensor v, torch::Tensor mu, torch:
     g = grad->contiguous();
     TORCH_CHECK(g.sizes() == v.sizes() && g.scalar_type() == v.scalar_type(), "bad grad");
   }
-  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   const bool accumulate = into.has_value() && into->defined();
   auto grad_v = grad_buffer(v, into);
@@ -1056,7 +1064,7 @@ Small make_small(const torch::Tensor& v, const torch::Tensor& sums, const torch:
   z.C = v.size(1);
   z.c = c;
   z.sc = std::sqrt(c);
-  z.count = double(v.size(0) * v.size(2) * v.size(3));
+  z.count = double(v.size(0) * pixels(v));
   z.min_norm = min_norm;
   z.t_max = t_max;
   z.bn_eps = bn_eps;
@@ -1104,7 +1112,7 @@ std::vector<torch::Tensor> bn_train_backward(torch::Tensor v, torch::Tensor grad
   // weight in coefficient form (backward_impl<true, T, true>); a second pass (the midpoint
   // sums' gradient) adds both scaled terms. Without need_v only the first pass runs, without
   // the variance chain.
-  const int64_t B = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   auto g = grad.contiguous();
   TORCH_CHECK(g.sizes() == v.sizes() && g.scalar_type() == v.scalar_type(), "bad grad");

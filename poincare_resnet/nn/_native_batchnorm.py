@@ -140,15 +140,19 @@ def native_batchnorm(
     Python float.
     """
     c = float(c)
-    v = v.contiguous()
+    if (mu is None) != (var is None):  # one batch statistic and one given: not a layer's case
+        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
+    shape = v.shape
+    # [B, C, H·W]: under torch.compile a saved 4-D map downstream of a convolution would be
+    # copied to channels-last (inductor's layout optimisation) and back for the kernel
+    v = v.reshape(shape[0], shape[1], -1).contiguous()
     dtype = v.dtype
     if mu is None and var is None:
         out, mu, var = _TrainBatchNorm.apply(v, beta_t, weight, c, bn_eps, proj_eps, t_max)
-        return out, mu, var, torch.full((), float(v.numel() // v.shape[1]), dtype=dtype)
-    if mu is None or var is None:  # one batch statistic and one given: not a layer's case
-        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
+        count = torch.full((), float(v.numel() // v.shape[1]), dtype=dtype)
+        return out.view(shape), mu, var, count
     mu = mu.reshape(-1).to(dtype).contiguous()
     beta = _centre(beta_t.to(dtype), c, t_max).contiguous()
     r = _rescale(var.to(dtype), weight.to(dtype), bn_eps)
     out = _BatchNormMap.apply(v, mu, beta, r, c, t_max, proj_eps)
-    return out, mu, var, None
+    return out.view(shape), mu, var, None
