@@ -1,12 +1,15 @@
 """The float32 fast functions of ``poincare_resnet/_cpp/fastmath.h`` against float64 PyTorch.
 
 The kernels' float32 tanh, atanh, sinh, cosh and asinh are closed forms on one fast exp or log
-with odd series for small arguments; they are also covered through every float32 kernel test.
-Here each is checked directly on a dense grid (both branches and the switch points), and the
-float64 versions, which the float64 kernel tests rely on, are checked to be SLEEF-accurate.
+(the inline log, tested here too) with odd series for small arguments; they are also covered
+through every float32 kernel test. Here each is checked directly on a dense grid (both
+branches and the switch points), and the float64 versions, which the float64 kernel tests rely
+on, are checked to be SLEEF-accurate.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
@@ -30,7 +33,8 @@ void apply(const T* x, T* out, int64_t n, int64_t which) {
       case 2: r = fm::sinh(v); break;
       case 3: fm::sinh_cosh(v, &s, &c); r = c; break;
       case 4: r = fm::tanh(v); break;
-      default: r = fm::atanh(v); break;
+      case 5: r = fm::atanh(v); break;
+      default: r = fm::log_pos(v); break;
     }
     r.store(out + i, m);
   }
@@ -54,8 +58,10 @@ def fastmath():
     from torch.utils import cpp_extension
 
     cflags, tag = cpp._build_flags()
+    # the header is not a source of load_inline's build key: name the module by its contents
+    header = (cpp._HERE / "fastmath.h").read_bytes()
     return cpp_extension.load_inline(
-        name=f"poincare_resnet_fastmath_test_{tag}",
+        name=f"poincare_resnet_fastmath_test_{tag}_{hashlib.sha1(header).hexdigest()[:12]}",
         cpp_sources=_SOURCE,
         functions=["run"],
         extra_cflags=cflags,
@@ -80,6 +86,27 @@ CASES = {  # which: (name, reference, grid)
     4: ("tanh", torch.tanh, (-9.0, 9.0)),
     5: ("atanh", torch.atanh, (-0.99999, 0.99999)),
 }
+
+
+def _log_grid(dtype) -> torch.Tensor:
+    """Positive normal numbers from the smallest float32 normal to 1e30, densely around 1."""
+    tiny = torch.finfo(torch.float32).tiny
+    spread = torch.logspace(torch.tensor(tiny).log10().item(), 30, 400001, dtype=torch.float64)
+    near_one = torch.linspace(0.5, 4.0, 200001, dtype=torch.float64)
+    return torch.cat([spread, near_one]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fast_log_absolute_and_relative_error(fastmath, dtype):
+    """The inline float32 log (Cephes' polynomial on the mantissa, exponent from the bits)."""
+    x = _log_grid(dtype)
+    got = fastmath.run(x, 6).double()
+    want = x.double().log()  # the same (rounded) inputs, evaluated in float64
+    err = (got - want).abs()
+    # relative error, except near x = 1 where log x → 0 and only an absolute bound makes sense
+    rel_tol, abs_tol = (1e-6, 1e-7) if dtype == torch.float32 else (1e-14, 1e-15)
+    bad = (err > rel_tol * want.abs()) & (err > abs_tol)
+    assert not bad.any(), f"log ({dtype}) off at x = {x[bad][:5].tolist()}"
 
 
 @pytest.mark.parametrize("which", sorted(CASES), ids=[CASES[k][0] for k in sorted(CASES)])

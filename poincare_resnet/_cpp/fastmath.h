@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/bit_cast.h>
 
 #include <type_traits>
 
@@ -25,6 +26,61 @@ inline V odd_series(const V& x, const V& x2, double c3, double c5, double c7, do
   return at::vec::fmadd(x * x2, poly, x);
 }
 
+// |y| with the sign of x, for y >= 0 (exact; at::vec's float copysign is a call into SLEEF).
+template <typename V>
+inline V with_sign_of(const V& y, const V& x) {
+  using T = typename V::value_type;
+  return y | (x & V(T(-0.0)));
+}
+
+// The bits of a float vector as int32 lanes (a register cast where ATen has no such cast).
+inline at::vec::Vectorized<int32_t> float_bits(const at::vec::Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_castps_si512(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_castps_si256(x);
+#else
+  return at::vec::cast<int32_t>(x);
+#endif
+}
+
+// log(x) for finite x >= the smallest normal number. double: SLEEF. float: inline (SLEEF's is a
+// function call, around which the compiler spills every vector register live in the loop):
+// x = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f), f = m - 1, with
+// Cephes' logf polynomial (relative error below 1e-7), and e log 2 split into two parts.
+template <typename V>
+inline V log_pos(const V& x) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return x.log();
+  } else {
+    const V one(1.0f);
+    const V mant_mask(c10::bit_cast<float>(0x007fffffu));
+    const V exp_mask(c10::bit_cast<float>(0x7f800000u));
+    V m = (x & mant_mask) | one;  // [1, 2)
+    // the bits of 2^e are (e + 127) 2^23: exact as a float
+    V e = at::vec::convert_to_fp_of_same_size<float>(float_bits(x & exp_mask)) *
+              V(1.0f / 8388608.0f) - V(127.0f);
+    V big = m > V(1.41421356237f);
+    m = V::blendv(m, m * V(0.5f), big);
+    e = V::blendv(e, e + one, big);
+    V f = m - one;
+    V z = f * f;
+    V y = at::vec::fmadd(V(7.0376836292e-2f), f, V(-1.1514610310e-1f));
+    y = at::vec::fmadd(y, f, V(1.1676998740e-1f));
+    y = at::vec::fmadd(y, f, V(-1.2420140846e-1f));
+    y = at::vec::fmadd(y, f, V(1.4249322787e-1f));
+    y = at::vec::fmadd(y, f, V(-1.6668057665e-1f));
+    y = at::vec::fmadd(y, f, V(2.0000714765e-1f));
+    y = at::vec::fmadd(y, f, V(-2.4999993993e-1f));
+    y = at::vec::fmadd(y, f, V(3.3333331174e-1f));
+    y = y * f * z;
+    y = at::vec::fmadd(e, V(-2.12194440e-4f), y);
+    y = at::vec::fmadd(V(-0.5f), z, y);
+    return at::vec::fmadd(e, V(0.693359375f), f + y);
+  }
+}
+
 constexpr double kSeriesBelow = 0.125;  // |x| below which the odd series is used (float)
 
 // An odd function sign(x) f(a), a = |x|, from its closed form big = f(a) and the coefficients of
@@ -34,7 +90,7 @@ inline V odd_blend(const V& x, const V& a, const V& big, double c3, double c5, d
                    double c9) {
   using T = typename V::value_type;
   V series = odd_series(a, a * a, c3, c5, c7, c9);
-  return V::blendv(big, series, a < V(T(kSeriesBelow))).copysign(x);
+  return with_sign_of(V::blendv(big, series, a < V(T(kSeriesBelow))), x);
 }
 
 // asinh(q); also returns sqrt(1 + q^2). double: sign(q) log1p(|q| + q^2 / (1 + sqrt(1 + q^2))).
@@ -50,7 +106,7 @@ inline V asinh(const V& q, V* root) {
   if constexpr (std::is_same_v<T, double>) {
     return (a + a2 / (one + r)).log1p().copysign(q);
   } else {
-    return odd_blend(q, a, (a + r).log(), -1.0 / 6, 3.0 / 40, -15.0 / 336, 105.0 / 3456);
+    return odd_blend(q, a, log_pos(a + r), -1.0 / 6, 3.0 / 40, -15.0 / 336, 105.0 / 3456);
   }
 }
 
@@ -107,7 +163,7 @@ inline V atanh(const V& x) {
   } else {
     const V one(1);
     V a = x.abs();
-    V big = V(T(0.5)) * ((one + a) / (one - a)).log();
+    V big = V(T(0.5)) * log_pos((one + a) / (one - a));
     return odd_blend(x, a, big, 1.0 / 3, 1.0 / 5, 1.0 / 7, 1.0 / 9);
   }
 }
