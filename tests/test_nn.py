@@ -24,6 +24,7 @@ from poincare_resnet.nn import (
     TangentReLU,
     init_poincare_weight,
 )
+from poincare_resnet.nn.conv import box_sum
 
 F64 = torch.float64
 
@@ -124,6 +125,28 @@ def test_conv_matches_unfold_reference(k, s, p, init, dtype):
     _close(out, ref.to(dtype), tol, "value")
     for name, a, e in zip(("input", "weight", "bias"), grads, ref_grads, strict=True):
         _close(a, e.to(dtype), tol, f"gradient w.r.t. {name}")
+
+
+@pytest.mark.parametrize(
+    "k,s,p",
+    [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)),
+     ((5, 3), (2, 1), (3, 1)), ((2, 4), (3, 2), (0, 2))],
+    ids=str,
+)
+def test_box_sum_equals_window_sums_of_unfold(k, s, p):
+    """The conv's ‖p‖² window sums (shifted strided slices) equal unfold's per-window sums,
+    value and gradient, for odd sizes, strides and padding beyond k/2."""
+    q = torch.rand(3, 1, 11, 10, generator=_gen(5), dtype=F64, requires_grad=True)
+    got = box_sum(q, k, s, p)
+    cols = F.unfold(q, k, padding=p, stride=s).sum(1)  # [B, L]
+    h = (11 + 2 * p[0] - k[0]) // s[0] + 1
+    want = cols.view(3, 1, h, -1)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    g = torch.randn(got.shape, generator=_gen(6), dtype=F64)
+    (ga,) = torch.autograd.grad(got, q, g)
+    (gb,) = torch.autograd.grad(want, q, g)
+    torch.testing.assert_close(ga, gb, rtol=1e-14, atol=1e-14)
 
 
 def test_conv_without_bias_matches_reference():

@@ -11,6 +11,30 @@ from .init import beta_concat_scale
 from .linear import _PoincareFCBase
 
 
+def box_sum(
+    q: Tensor, kernel_size: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> Tensor:
+    """``Σ_{i<kh, j<kw} q[…, s_h y + i − p_h, s_w x + j − p_w]`` (zero outside): a conv's window
+    sums of a ``[B, 1, H, W]`` map, as ``k_w`` then ``k_h`` shifted strided slices added up.
+
+    Equal to ``avg_pool2d(pad(q), k, s) · k_h k_w``; written with slices because ``torch.compile``
+    turns them (and their backward) into vectorised element-wise kernels, where its
+    ``avg_pool2d`` backward is a scalar gather loop.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    if ph or pw:  # zero padding = the origin
+        q = F.pad(q, (pw, pw, ph, ph))
+    h_out = (q.shape[-2] - kh) // sh + 1
+    w_out = (q.shape[-1] - kw) // sw + 1
+    rows = q[..., 0 : sw * (w_out - 1) + 1 : sw]
+    for j in range(1, kw):
+        rows = rows + q[..., j : j + sw * (w_out - 1) + 1 : sw]
+    out = rows[..., 0 : sh * (h_out - 1) + 1 : sh, :]
+    for i in range(1, kh):
+        out = out + rows[..., i : i + sh * (h_out - 1) + 1 : sh, :]
+    return out
+
+
 class PoincareConv2d(_PoincareFCBase):
     """Poincaré convolution on a tangent map at the origin ``U [B, C_in, H, W]`` (channel axis).
 
@@ -57,12 +81,7 @@ class PoincareConv2d(_PoincareFCBase):
         zhat, znorm = self._unit_weight()
         s = self.scale
         dots = F.conv2d(u, zhat * s, None, self.stride, self.padding)  # s folded into the kernel
-        kh, kw = self.kernel_size
-        sq = u.pow(2).sum(1, keepdim=True)
-        ph, pw = self.padding
-        if ph or pw:  # zero padding = the origin; avg_pool2d's own padding is capped at k/2
-            sq = F.pad(sq, (pw, pw, ph, ph))
-        sq = F.avg_pool2d(sq, self.kernel_size, self.stride) * (kh * kw)
+        sq = box_sum(u.pow(2).sum(1, keepdim=True), self.kernel_size, self.stride, self.padding)
         return self._fc(dots, sq * (s * s), znorm, dim=1)
 
     def extra_repr(self) -> str:
