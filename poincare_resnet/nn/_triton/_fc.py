@@ -216,13 +216,12 @@ def fc_bwd_kernel(
         tl.store(base, tl.sum(grad_g * 2.0 * h, axis=1), mask=cm)  # ∂L/∂‖z_k‖
         tl.store(base + K, tl.sum(gq_dot * a[None, :], axis=1), mask=cm)  # ∂L/∂cosh(2√c r)
         tl.store(base + 2 * K, -tl.sum(grad_q * e[None, :], axis=1), mask=cm)  # ∂L/∂sinh
-    c_val = SC * SC
     da_dsq = tl.where(
         small,
-        (SC * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
+        (SC * SC * SC) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
         (2.0 * SC * n * e - sinh2t) / (2.0 * n * n * n),
     )
-    de_dsq = tl.where(small, c_val * (2.0 + 4.0 * t2 / 3.0), SC * sinh2t / n)
+    de_dsq = tl.where(small, (SC * SC) * (2.0 + 4.0 * t2 / 3.0), SC * sinh2t / n)
     clipped_in = t > LIMIT
     da_dsq = tl.where(clipped_in, -a / (2.0 * n * n), da_dsq)
     de_dsq = tl.where(clipped_in, 0.0, de_dsq)

@@ -28,26 +28,24 @@ BLOCK_C = 32
 
 
 @triton.jit
-def _radial_fwd(n2, SC: tl.constexpr, T_MAX: tl.constexpr, MN2: tl.constexpr):
-    z = SC * tl.sqrt(tl.maximum(n2, MN2))
+def _radial_fwd(n2, SC: tl.constexpr, T_MAX: tl.constexpr, MN: tl.constexpr):
+    z = SC * tl.sqrt(tl.maximum(n2, MN * MN))
     th = tanh_pos(tl.minimum(z, T_MAX))
     return z, th, th / z
 
 
 @triton.jit
-def _radial_bwd(
-    n2, z, th, al, d_al, d_th, C_: tl.constexpr, T_MAX: tl.constexpr, MN2: tl.constexpr
-):
+def _radial_bwd(n2, z, th, al, d_al, d_th, C_: tl.constexpr, T_MAX: tl.constexpr, MN: tl.constexpr):
     inv_z = 1.0 / z
     d_th_t = d_th + d_al * inv_z
     d_z = -d_al * al * inv_z
     d_z += tl.where(z <= T_MAX, d_th_t * (1.0 - th * th), 0.0)
-    return tl.where(n2 >= MN2, 0.5 * C_ * d_z * inv_z, 0.0)
+    return tl.where(n2 >= MN * MN, 0.5 * C_ * d_z * inv_z, 0.0)
 
 
 @triton.jit
-def _logmap_scale(o2, SC: tl.constexpr, S_MAX: tl.constexpr, MN2: tl.constexpr):
-    z = SC * tl.sqrt(tl.maximum(o2, MN2))
+def _logmap_scale(o2, SC: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr):
+    z = SC * tl.sqrt(tl.maximum(o2, MN * MN))
     s = tl.minimum(z, S_MAX)
     return z, s, atanh_pos(s) / z
 
@@ -72,10 +70,9 @@ def _pixel_fwd(
     MN: tl.constexpr,
     F_FIRST: tl.constexpr,
 ):
-    MN2 = MN * MN
     nf2 = sff * (a * a)
-    zf, thf, alf = _radial_fwd(nf2, SC, T_MAX, MN2)
-    zr, thr, alr = _radial_fwd(srr, SC, T_MAX, MN2)
+    zf, thf, alf = _radial_fwd(nf2, SC, T_MAX, MN)
+    zr, thr, alr = _radial_fwd(srr, SC, T_MAX, MN)
     fr = sfr * a
     xf2 = thf * thf / C_
     xr2 = thr * thr / C_
@@ -160,7 +157,7 @@ def residual_fwd_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    a = tl.load(a_ptr)
+    a = tl.load(a_ptr) + tl.zeros([BLOCK_P], tl.load(a_ptr).dtype)  # block: see _globals
     DT = a.dtype
     sff, srr, sfr = _sums(
         f_ptr, r_ptr, b, pix, fsb, fsc, fsp, rsb, rsc, rsp, C, P, BLOCK_C, BLOCK_P, DT
@@ -175,7 +172,7 @@ def residual_fwd_kernel(
         rv, _, _ = _tile(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         o2 += tl.sum(ov * ov, axis=0)
-    _, _, lg = _logmap_scale(o2, SC, S_MAX, MN * MN)
+    _, _, lg = _logmap_scale(o2, SC, S_MAX, MN)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         fv, _, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
@@ -220,9 +217,8 @@ def residual_bwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1)
     pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    a = tl.load(a_ptr)
+    a = tl.load(a_ptr) + tl.zeros([BLOCK_P], tl.load(a_ptr).dtype)  # block: see _globals
     DT = a.dtype
-    MN2 = MN * MN
     sff, srr, sfr = _sums(
         f_ptr, r_ptr, b, pix, fsb, fsc, fsp, rsb, rsc, rsp, C, P, BLOCK_C, BLOCK_P, DT
     )
@@ -249,11 +245,11 @@ def residual_bwd_kernel(
         gf += tl.sum(gv * fv, axis=0)
         gr += tl.sum(gv * rv, axis=0)
     # adjoint of the per-pixel chain, in reverse
-    z, s, lg = _logmap_scale(o2, SC, S_MAX, MN2)
+    z, s, lg = _logmap_scale(o2, SC, S_MAX, MN)
     inv_z = 1.0 / z
     d_z = -go * lg * inv_z
     d_z += tl.where(z <= S_MAX, go * inv_z / (1.0 - s * s), 0.0)
-    d_o2 = tl.where(o2 >= MN2, 0.5 * C_ * d_z * inv_z, 0.0)
+    d_o2 = tl.where(o2 >= MN * MN, 0.5 * C_ * d_z * inv_z, 0.0)
     two_p = 2.0 * d_o2
     d_k = lg * gf + two_p * of  # dL/do = lg g + 2 d_o2 o,  o = K f + cr r
     d_cr = lg * gr + two_p * orr
@@ -287,8 +283,8 @@ def residual_bwd_kernel(
     d_af += d_xfr * alr * fr
     d_ar += d_xfr * alf * fr
     d_fr = d_xfr * alf * alr
-    d_nf2 = _radial_bwd(nf2, zf, thf, alf, d_af, d_thf, C_, T_MAX, MN2)
-    d_nr2 = _radial_bwd(srr, zr, thr, alr, d_ar, d_thr, C_, T_MAX, MN2)
+    d_nf2 = _radial_bwd(nf2, zf, thf, alf, d_af, d_thf, C_, T_MAX, MN)
+    d_nr2 = _radial_bwd(srr, zr, thr, alr, d_ar, d_thr, C_, T_MAX, MN)
     d_a += d_nf2 * sff * 2.0 * a + d_fr * sfr
     tl.store(ga_ptr + b * tl.num_programs(1) + pid_p, tl.sum(tl.where(pix < P, d_a, 0.0), axis=0))
     d_sff2 = 2.0 * d_nf2 * (a * a)
