@@ -39,14 +39,17 @@ def available() -> bool:
     return True
 
 
-def applicable(*tensors: Tensor, c: object = 1.0) -> bool:
-    """Whether the kernels can take these maps (and per-channel tensors, which pass too): Triton
-    importable, float32/float64 tensors of one dtype on CUDA (or CPU with
-    ``TRITON_INTERPRET=1``), 4-D ``[B, C, H, W]`` (pixel axes flattening to one stride) or 2-D
-    ``[N, C]`` maps, and a fixed Python-float curvature ``c``."""
+def applicable(*tensors: Tensor, c: object = 1.0, kind: str | None = None) -> bool:
+    """Whether the kernels can take these maps (per-channel tensors, 0-D or 1-D, pass too):
+    Triton importable, float32/float64 tensors of one dtype on CUDA (or CPU with
+    ``TRITON_INTERPRET=1``), 4-D ``[B, C, H, W]`` maps whose pixel axes flatten to one stride or
+    2-D ``[N, C]`` ones (not for ``kind="batchnorm"``, which takes 4-D maps only), non-empty,
+    and a fixed Python-float curvature ``c``."""
     if isinstance(c, Tensor) or isinstance(c, bool) or not isinstance(c, (float, int)):
         return False
     maps = [t for t in tensors if not (isinstance(t, Tensor) and t.dim() <= 1)]
+    if kind == "batchnorm" and any(isinstance(t, Tensor) and t.dim() != 4 for t in maps):
+        return False
     return available() and _tensors_applicable(*maps)
 
 
