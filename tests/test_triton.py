@@ -415,7 +415,8 @@ def test_applicable(tk):
     assert not tk.applicable(torch.zeros(2, 3, 4), c=1.0)
     assert not tk.applicable(x, c=torch.tensor(1.0))
     assert not tk.applicable(x[:, :, ::2, :], c=1.0)
-    assert tk.applicable(x[:, :, 0], c=1.0) and not tk.applicable(x[:, :, 0], kind="batchnorm")
+    flat = x[:, :, 0, 0]  # [N, C]
+    assert tk.applicable(flat, c=1.0) and not tk.applicable(flat, kind="batchnorm")
     assert tk.applicable(x.to(memory_format=torch.channels_last), kind="batchnorm")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
