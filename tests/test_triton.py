@@ -46,6 +46,56 @@ def test_kernels_under_interpreter():
     assert " passed" in proc.stdout.strip().splitlines()[-1], proc.stdout[-2000:]
 
 
+def _cuda_target():
+    try:
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget
+    except Exception:  # pragma: no cover - an old or partial triton
+        return None
+    return GPUTarget("cuda", 90, 32) if "nvidia" in backends else None
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install '.[gpu]')")
+@pytest.mark.skipif(INTERPRETING, reason="the interpreter does not compile kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_kernels_compile_for_cuda(dtype):
+    """Every kernel compiles to PTX for sm_90 (no GPU needed): the interpreter runs Python, so
+    this is what catches code that only the Triton compiler rejects."""
+    if _cuda_target() is None:
+        pytest.skip("triton has no NVIDIA backend")
+    import triton
+    from triton.compiler import ASTSource
+
+    from poincare_resnet.nn._triton import _batchnorm as B
+    from poincare_resnet.nn._triton import _fc as F
+    from poincare_resnet.nn._triton import _residual as R
+
+    dt = {torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    res = dict(R._consts(0.7, 4e-3, 3.0, True), BLOCK_C=32, BLOCK_P=R.BLOCK_P)
+    fc = dict(F._consts(0.7, dtype), BLOCK_C=32, BLOCK_P=F.BLOCK_P)
+    bn = dict(B._consts(0.7, 4e-3, 3.0), BLOCK_C=32, BLOCK_P=B.BLOCK_P)
+    mid = dict(SC=0.7**0.5, T_MAX=3.0, MN=1e-15, BLOCK_C=32, BLOCK_P=B.BLOCK_P)
+    jobs = [
+        (R.residual_fwd_kernel, res),
+        (R.residual_bwd_kernel, dict(res, F_FIRST=False)),
+        (F.fc_fwd_kernel, fc),
+        (F.fc_bwd_kernel, dict(fc, NEED_DOTS=True)),
+        (B.bn_out_kernel, bn),
+        (B.bn_var_kernel, bn),
+        (B.bn_bwd_kernel, dict(bn, KOUT=True)),
+        (B.bn_bwd_kernel, dict(bn, KOUT=False)),
+        (B.mid_fwd_kernel, mid),
+        (B.mid_bwd_kernel, mid),
+    ]
+    for fn, consts in jobs:
+        sig = {
+            name: "constexpr" if name in consts else ("*" + dt if name.endswith("_ptr") else "i64")
+            for name in fn.arg_names
+        }
+        kernel = triton.compile(ASTSource(fn, sig, constexprs=consts), target=_cuda_target())
+        assert ".entry" in kernel.asm["ptx"], fn.__name__
+
+
 @pytest.fixture(scope="module")
 def tk():
     """The kernel package (only under the interpreter; otherwise the subprocess runs these)."""

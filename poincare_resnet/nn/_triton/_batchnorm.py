@@ -41,10 +41,16 @@ N_GLOBALS = 7  # adjoints of ‖μ‖², ‖β‖², ⟨β, μ⟩, gd, 1 − c�
 
 
 @triton.jit
+def _tile0(ptr, b, ch, pix, sb, sc, sp, C, P):
+    """:func:`_tile`'s values only."""
+    return _tile(ptr, b, ch, pix, sb, sc, sp, C, P)[0]
+
+
+@triton.jit
 def _tile(ptr, b, ch, pix, sb, sc, sp, C, P):
     mask = (ch[:, None] < C) & (pix[None, :] < P)
     offs = b * sb + ch[:, None].to(tl.int64) * sc + pix[None, :].to(tl.int64) * sp
-    return tl.load(ptr + offs, mask=mask, other=0.0), offs, mask
+    return tl.load(ptr + offs, mask=mask, other=0.0), mask
 
 
 @triton.jit
@@ -68,7 +74,7 @@ def _front(
     n2, vm, vb, g_mu, g_b, g_v = zero, zero, zero, zero, zero, zero
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         n2 += tl.sum(x * x, axis=0)
         if DOTS:
             muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
@@ -77,7 +83,7 @@ def _front(
                 bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
                 vb += tl.sum(x * bc, axis=0)
             if HAS_G:
-                g, _, _ = _tile(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+                g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_mu += tl.sum(g * muc, axis=0)
                 g_b += tl.sum(g * bc, axis=0)
                 g_v += tl.sum(g * x, axis=0)
@@ -91,7 +97,7 @@ def _front(
     d2, dmu, db, dv, g_d = zero, zero, zero, zero, zero
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
         d = tl.where(mask, ax[None, :] * x - muc, 0.0)
         d2 += tl.sum(d * d, axis=0)
@@ -102,7 +108,7 @@ def _front(
         if DOTS:
             dv += tl.sum(d * x, axis=0)
             if HAS_G:
-                g, _, _ = _tile(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+                g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_d += tl.sum(g * d, axis=0)
     # stage 1b: m = A d − B μ, and the products of m from those of d
     omm = 1.0 - C_ * m2
@@ -333,7 +339,7 @@ def bn_out_kernel(
     k_mu, k_b, k_w = lg * o_mu, lg * o_b, lg * o_w
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
         bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
         m = A[None, :] * (ax[None, :] * x - muc) - B[None, :] * muc
@@ -379,7 +385,7 @@ def bn_var_kernel(
         BLOCK_C,
         BLOCK_P,
     )
-    head, _, _ = _stage2(dots[9], dots[10], dots[11], m2, m2, m2, m2, C_, SC, S_MAX, MN, False)
+    head = _stage2(dots[9], dots[10], dots[11], m2, m2, m2, m2, C_, SC, S_MAX, MN, False)[0]
     at = head[5]
     tl.store(part_ptr + pid, tl.sum(tl.where(pix < P, at * at, 0.0), axis=0))
 
@@ -447,14 +453,14 @@ def bn_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         cm = ch < C
-        x, _, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         muc = tl.load(mu_ptr + ch, mask=cm, other=0.0)[:, None]
         d = ax[None, :] * x - muc
         m = A[None, :] * d - B[None, :] * muc
         gm = two_gq[None, :] * m + g_mm[None, :] * muc
         amu = g_mm[None, :] * m
         if KOUT:
-            g, _, _ = _tile(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+            g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
             bc = tl.load(be_ptr + ch, mask=cm, other=0.0)[:, None]
             gm += k_w[None, :] * g + g_mb[None, :] * bc
             amu += k_mu[None, :] * g
@@ -489,7 +495,7 @@ def mid_fwd_kernel(
     n2 = tl.zeros([BLOCK_P], tl.load(v_ptr).dtype)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, _ = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         n2 += tl.sum(x * x, axis=0)
     t = SC * tl.sqrt(tl.maximum(n2, MN * MN))
     th = tanh_pos(tl.minimum(t, T_MAX))
@@ -497,7 +503,7 @@ def mid_fwd_kernel(
     w = tl.where(pm, g2 * th / t, 0.0)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, _ = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         tl.store(part_ptr + pid * (C + 1) + ch, tl.sum(x * w[None, :], 1), mask=ch < C)
     tl.store(part_ptr + pid * (C + 1) + C, tl.sum(tl.where(pm, g2, 0.0), 0))
 
@@ -515,7 +521,7 @@ def mid_bwd_kernel(
     gv = tl.zeros([BLOCK_P], g_s0.dtype)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, _ = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         gs1 = tl.load(gs1_ptr + ch, mask=ch < C, other=0.0)[:, None]
         n2 += tl.sum(x * x, axis=0)
         gv += tl.sum(x * gs1, axis=0)
@@ -533,7 +539,7 @@ def mid_bwd_kernel(
     two_gn2 = tl.where(n2 >= MN * MN, SC * g_t / n, 0.0)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, _, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         gs1 = tl.load(gs1_ptr + ch, mask=ch < C, other=0.0)[:, None]
         offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
         tl.store(gv_ptr + offs, w[None, :] * gs1 + two_gn2[None, :] * x, mask=mask)

@@ -51,11 +51,18 @@ def _logmap_scale(o2, SC: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr):
 
 
 @triton.jit
+def _tile0(ptr, b, ch, pix, sb, sc, sp, C, P):
+    """:func:`_tile`'s values only."""
+    return _tile(ptr, b, ch, pix, sb, sc, sp, C, P)[0]
+
+
+@triton.jit
 def _tile(ptr, b, ch, pix, sb, sc, sp, C, P):
-    """Load the [BLOCK_C, BLOCK_P] tile of channels ``ch`` and pixels ``pix`` (0 outside)."""
+    """The [BLOCK_C, BLOCK_P] tile of channels ``ch`` and pixels ``pix`` (0 outside), and its
+    mask."""
     mask = (ch[:, None] < C) & (pix[None, :] < P)
     offs = b * sb + ch[:, None].to(tl.int64) * sc + pix[None, :].to(tl.int64) * sp
-    return tl.load(ptr + offs, mask=mask, other=0.0), offs, mask
+    return tl.load(ptr + offs, mask=mask, other=0.0), mask
 
 
 @triton.jit
@@ -121,8 +128,8 @@ def _sums(
     sfr = tl.zeros([BLOCK_P], DT)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, _, _ = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv, _, _ = _tile(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        fv = _tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         sff += tl.sum(fv * fv, axis=0)
         srr += tl.sum(rv * rv, axis=0)
         sfr += tl.sum(fv * rv, axis=0)
@@ -168,15 +175,15 @@ def residual_fwd_kernel(
     o2 = tl.zeros([BLOCK_P], DT)
     for c0 in range(0, C, BLOCK_C):  # ‖o‖² with o = K f + cr r formed explicitly
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, _, _ = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv, _, _ = _tile(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        fv = _tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         o2 += tl.sum(ov * ov, axis=0)
-    _, _, lg = _logmap_scale(o2, SC, S_MAX, MN)
+    lg = _logmap_scale(o2, SC, S_MAX, MN)[2]
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, _, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv, _, _ = _tile(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        fv, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
         tl.store(o_ptr + offs, ov * lg[None, :], mask=mask)
@@ -234,9 +241,9 @@ def residual_bwd_kernel(
     gr = tl.zeros([BLOCK_P], DT)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, _, _ = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv, _, _ = _tile(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
-        gv, _, _ = _tile(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+        fv = _tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        gv = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         o2 += tl.sum(ov * ov, axis=0)
         go += tl.sum(gv * ov, axis=0)
@@ -292,9 +299,9 @@ def residual_bwd_kernel(
     d_sfr = d_fr * a
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, _, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv, _, _ = _tile(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
-        gv, _, _ = _tile(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+        fv, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        gv = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         d_o = lg[None, :] * gv + two_p[None, :] * ov
         offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
