@@ -714,6 +714,7 @@ def batchnorm(
     sc = c**0.5
     count = None
     n_pix = lv.b * lv.p
+    mu_given, var_given = mu, var  # returned as given, as the closed form does
     if mu is None:
         s1, s0 = MidpointSums.apply(v, c, t_max, block_c)
         count = torch.full((), float(n_pix), dtype=v.dtype, device=v.device)
@@ -735,4 +736,9 @@ def batchnorm(
     r = (weight.abs().to(v.dtype) / torch.sqrt(var + bn_eps)).reshape(1)
     glob = torch.stack([m2, beta.pow(2).sum(), (beta * mu).sum()])
     out = BatchNormMap.apply(v, mu, beta, r, glob, c, proj_eps, t_max, block_c)
-    return out, mu, var, count
+    return (
+        out,
+        mu if mu_given is None else mu_given,
+        var if var_given is None else var_given,
+        count,
+    )
