@@ -34,7 +34,9 @@ void apply(const T* x, T* out, int64_t n, int64_t which) {
       case 3: fm::sinh_cosh(v, &s, &c); r = c; break;
       case 4: r = fm::tanh(v); break;
       case 5: r = fm::atanh(v); break;
-      default: r = fm::log_pos(v); break;
+      case 6: r = fm::log(v); break;
+      case 8: r = fm::sinh_bounded(v); break;
+      default: r = fm::log_ge1(v); break;
     }
     r.store(out + i, m);
   }
@@ -51,13 +53,23 @@ torch::Tensor run(torch::Tensor x, int64_t which) {
 """
 
 
-@pytest.fixture(scope="module")
-def fastmath():
+_AVX2 = ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+@pytest.fixture(scope="module", params=["kernels", "avx2"])
+def fastmath(request):
+    """The header compiled as the kernels are here, and for AVX2 (its code without AVX512's
+    getexp/getmant and masked instructions), where this CPU runs AVX2."""
     if cpp.load_kernel("fc") is None:
         pytest.skip("native kernels cannot be built here")
     from torch.utils import cpp_extension
 
     cflags, tag = cpp._build_flags()
+    if request.param == "avx2":
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+            pytest.skip("no AVX2 here")
+        cflags = [f for f in cflags if not f.startswith(("-mavx", "-DCPU_CAPABILITY"))] + _AVX2
+        tag = "avx2"
     # the header is not a source of load_inline's build key: name the module by its contents
     header = (cpp._HERE / "fastmath.h").read_bytes()
     return cpp_extension.load_inline(
@@ -85,6 +97,7 @@ CASES = {  # which: (name, reference, grid)
     3: ("cosh", torch.cosh, (0.0, 40.0)),
     4: ("tanh", torch.tanh, (-9.0, 9.0)),
     5: ("atanh", torch.atanh, (-0.99999, 0.99999)),
+    8: ("sinh_bounded", torch.sinh, (-40.0, 40.0)),
 }
 
 
@@ -119,3 +132,117 @@ def test_fastmath_relative_error(fastmath, which, dtype):
     rel = ((got - want).abs() / want.abs().clamp_min(1e-300)).max().item()
     tol = 2e-6 if dtype == torch.float32 else 1e-14
     assert rel <= tol, f"{name} ({dtype}): max relative error {rel:.3g} > {tol:g}"
+
+
+# ------------------------------------------------------------------ IEEE special values
+_INF, _NAN = float("inf"), float("nan")
+
+
+def _specials(dtype) -> list[float]:
+    """NaN, ±inf, ±0, denormals (smallest and a mid one), ±1e±30."""
+    fi = torch.finfo(dtype)
+    denormals = [fi.tiny / 2**10, fi.tiny * 2.0 ** -(fi.bits - 9 if dtype == torch.float32 else 52)]
+    values = [_NAN, _INF, -_INF, 0.0, -0.0, 1e30, -1e30, 1e-30, -1e-30]
+    return values + denormals + [-d for d in denormals]
+
+
+def _mp_ref(name: str, x: float) -> float:
+    """The IEEE value of ``name(x)``, from mpmath (50 digits) with the special cases spelled out."""
+    import math
+    import sys
+
+    import mpmath
+
+    if math.isnan(x):
+        return _NAN
+    if math.isinf(x):
+        sign = math.copysign(1.0, x)
+        return {
+            "asinh": sign * _INF,
+            "sqrt(1+x^2)": _INF,
+            "sinh": sign * _INF,
+            "cosh": _INF,
+            "tanh": sign,
+            "atanh": _NAN,
+            "log": _INF if x > 0 else _NAN,
+            "log_ge1": _INF,
+        }[name]
+    if x == 0.0:  # keep the sign of zero
+        return {"sqrt(1+x^2)": 1.0, "cosh": 1.0, "log": -_INF}.get(name, x)
+    with mpmath.workdps(50):
+        v = mpmath.mpf(x)
+        if name == "atanh":
+            if abs(x) > 1:
+                return _NAN
+            if abs(x) == 1:
+                return math.copysign(_INF, x)
+        if name == "log" and x < 0:
+            return _NAN
+        fn = {
+            "asinh": mpmath.asinh,
+            "sqrt(1+x^2)": lambda t: mpmath.sqrt(1 + t * t),
+            "sinh": mpmath.sinh,
+            "cosh": mpmath.cosh,
+            "tanh": mpmath.tanh,
+            "atanh": mpmath.atanh,
+            "log": mpmath.log,
+            "log_ge1": mpmath.log,
+            "sinh_bounded": mpmath.sinh,
+        }[name]
+        r = fn(v)
+        if abs(r) > mpmath.mpf(sys.float_info.max):
+            return math.copysign(_INF, float(mpmath.sign(r)))
+        return float(r)
+
+
+SPECIAL_CASES = {  # which: (name, the inputs its domain allows beyond the specials)
+    0: ("asinh", [1e20, -1e20, 3e38, -3e38, 4095.0, 4097.0, -5000.0]),
+    1: ("sqrt(1+x^2)", [1e20, -1e20, 3e38, -3e38]),
+    2: ("sinh", [88.0, -88.0, 1e4, -1e4]),
+    3: ("cosh", [88.0, 1e4]),
+    4: ("tanh", [20.0, -20.0, 1e4]),
+    5: ("atanh", [1.0, -1.0, 1.5, -2.0, 0.5]),
+    6: ("log", [1.0, 2.0, 0.5, 3e38, -1.0]),
+    7: ("log_ge1", [1.0, 2.0, 3e38, 1e30]),
+    8: ("sinh_bounded", [40.0, -40.0, 80.0, -80.0, 3.0]),
+}
+_DOUBLE_HUGE = [1e200, -1e200, 1.7e308, -1.7e308]
+
+
+def _domain(which: int, dtype) -> list[float]:
+    name, extra = SPECIAL_CASES[which]
+    xs = _specials(dtype) + extra
+    if dtype == torch.float64 and name in ("asinh", "sqrt(1+x^2)"):
+        xs += _DOUBLE_HUGE
+    if name == "cosh":  # sinh_cosh is for x >= 0 (and NaN)
+        xs = [x for x in xs if not x < 0 and str(x) != "-0.0"]
+    if name == "log_ge1":  # x >= 1, +inf or NaN
+        xs = [x for x in xs if x != x or x >= 1]
+    if name == "sinh_bounded":  # finite |x| <= 80 or NaN
+        xs = [x for x in xs if x != x or abs(x) <= 80]
+    return xs
+
+
+@pytest.mark.parametrize("which", sorted(SPECIAL_CASES), ids=[v[0] for v in SPECIAL_CASES.values()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_fastmath_ieee_special_values(fastmath, which, dtype):
+    """NaN, ±inf, ±0, denormals and huge arguments give the IEEE result (exact for the special
+    values, to the functions' accuracy elsewhere), one value per lane and all in one vector."""
+    name = SPECIAL_CASES[which][0]
+    xs = _domain(which, dtype)
+    x = torch.tensor(xs, dtype=dtype)
+    got = fastmath.run(x, which)
+    want = torch.tensor([_mp_ref(name, float(v)) for v in x.tolist()], dtype=torch.float64)
+    want = want.to(dtype).double()  # the reference rounded to dtype (overflow to inf)
+    got = got.double()
+    tol = 2e-6 if dtype == torch.float32 else 1e-14
+    for xi, g, w in zip(x.tolist(), got.tolist(), want.tolist(), strict=True):
+        where = f"{name}({xi!r}) [{dtype}] = {g!r}, IEEE {w!r}"
+        if w != w:
+            assert g != g, where
+        elif w in (_INF, -_INF) or w == 0.0:
+            assert g == w, where
+            if w == 0.0:
+                assert str(g)[0] == str(w)[0], f"sign of zero: {where}"
+        else:
+            assert abs(g - w) <= tol * abs(w), where

@@ -115,6 +115,16 @@ def load_kernel(name: str) -> ModuleType | None:
         return module
 
 
+def check_same_device(op: str, lead: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise ``ValueError`` naming the first tensor in ``tensors`` on another device than the
+    one named ``lead``: the custom ops' fake (meta) implementations run this, since a meta
+    tensor among CPU ones sends the op there instead of to the kernel's own checks."""
+    device = tensors[lead].device
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (that of {lead})")
+
+
 def available_kernels() -> list[str]:
     """Names of the native kernel sources shipped with the package."""
     return sorted(p.stem for p in _HERE.glob("*.cpp"))

@@ -23,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
 #include "fastmath.h"
 
 #include <algorithm>
@@ -785,19 +786,36 @@ int64_t pixels(const torch::Tensor& v) {
   return rows == 0 ? 0 : v.numel() / rows;
 }
 
-void check_map(const torch::Tensor& v) {
-  TORCH_CHECK(v.dim() >= 3 && v.is_contiguous(), "v must be a contiguous [B, C, ...] map");
-  TORCH_CHECK(v.device().is_cpu(), "native batch norm runs on CPU tensors");
+namespace ck = poincare_checks;
+
+void check_map(const char* op, const torch::Tensor& v) {
+  ck::check_map(op, "v", v, -3, "a [B, C, ...] map");
 }
 
-void check_vec(const torch::Tensor& t, const torch::Tensor& v) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == v.size(1) && t.is_contiguous() &&
-                  t.scalar_type() == v.scalar_type(),
-              "mu and beta must be contiguous [C] vectors of v's dtype");
+// A per-channel vector of v's dtype: C elements, contiguous, on the CPU.
+void check_vec(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& v,
+               const char* what = "one per channel") {
+  ck::check_tensor(op, name, t, v.scalar_type(), "the dtype of v");
+  ck::check_numel(op, name, t, v.size(1), what);
+}
+
+// The bias (any floating dtype: read once, converted to double): C elements on the CPU.
+void check_bias(const char* op, const torch::Tensor& beta_t, const torch::Tensor& v) {
+  TORCH_CHECK(beta_t.defined() && beta_t.device().is_cpu(), op,
+              ": beta_t (the bias) must be a CPU tensor, got one on ", beta_t.device());
+  TORCH_CHECK(beta_t.is_floating_point(), op, ": beta_t (the bias) has dtype ",
+              beta_t.scalar_type(), ", expected a floating dtype");
+  ck::check_numel(op, "beta_t", beta_t, v.size(1), "the bias, one per channel");
+}
+
+// The output gradient: v's shape and dtype, contiguous.
+void check_grad(const char* op, const torch::Tensor& g, const torch::Tensor& v) {
+  ck::check_tensor(op, "grad", g, v.scalar_type(), "the dtype of v");
+  ck::check_sizes(op, "grad", g, v.sizes(), "the shape of v");
 }
 
 torch::Tensor mid_forward(torch::Tensor v, double c, double t_max, double min_norm) {
-  check_map(v);
+  check_map("mid_forward", v);
   const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   auto part = torch::zeros({std::max<int64_t>(tasks, 1), C + 1}, v.options());
@@ -809,22 +827,21 @@ torch::Tensor mid_forward(torch::Tensor v, double c, double t_max, double min_no
 }
 
 // The gradient buffer: a new one, or `into` (the gradient is then added to it in place).
-torch::Tensor grad_buffer(const torch::Tensor& v, const std::optional<torch::Tensor>& into) {
+torch::Tensor grad_buffer(const char* op, const torch::Tensor& v,
+                          const std::optional<torch::Tensor>& into) {
   if (!into.has_value() || !into->defined()) return torch::empty_like(v);
-  TORCH_CHECK(into->sizes() == v.sizes() && into->is_contiguous() &&
-                  into->scalar_type() == v.scalar_type(),
-              "into must be a contiguous tensor like v");
+  ck::check_tensor(op, "into", *into, v.scalar_type(), "the dtype of v");
+  ck::check_sizes(op, "into", *into, v.sizes(), "the shape of v");
   return *into;
 }
 
 torch::Tensor mid_backward(torch::Tensor v, torch::Tensor g_s1, double g_s0, double c,
                            double t_max, double min_norm, std::optional<torch::Tensor> into) {
-  check_map(v);
-  g_s1 = g_s1.contiguous();
-  check_vec(g_s1, v);
+  check_map("mid_backward", v);
+  check_vec("mid_backward", "g_s1", g_s1, v);
   const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const bool accumulate = into.has_value() && into->defined();
-  auto grad_v = grad_buffer(v, into);
+  auto grad_v = grad_buffer("mid_backward", v, into);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "mid_backward", [&] {
     auto k = make_consts<scalar_t>(c, t_max, 0.0, min_norm, nullptr, nullptr, 0, 0.0);
     mid_backward_impl<scalar_t>(v.data_ptr<scalar_t>(), g_s1.data_ptr<scalar_t>(),
@@ -836,8 +853,8 @@ torch::Tensor mid_backward(torch::Tensor v, torch::Tensor g_s1, double g_s0, dou
 
 torch::Tensor bn_var(torch::Tensor v, torch::Tensor mu, double c, double t_max, double proj_eps,
                      double min_norm) {
-  check_map(v);
-  check_vec(mu, v);
+  check_map("bn_var", v);
+  check_vec("bn_var", "mu", mu, v);
   const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   auto part = torch::zeros({std::max<int64_t>(tasks, 1)}, v.options());
@@ -851,9 +868,9 @@ torch::Tensor bn_var(torch::Tensor v, torch::Tensor mu, double c, double t_max, 
 
 torch::Tensor bn_out(torch::Tensor v, torch::Tensor mu, torch::Tensor beta, double r, double c,
                      double t_max, double proj_eps, double min_norm) {
-  check_map(v);
-  check_vec(mu, v);
-  check_vec(beta, v);
+  check_map("bn_out", v);
+  check_vec("bn_out", "mu", mu, v);
+  check_vec("bn_out", "beta", beta, v);
   const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   auto out = torch::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_out", [&] {
@@ -897,19 +914,19 @@ std::vector<torch::Tensor> bn_backward(torch::Tensor v, torch::Tensor mu, torch:
                                        std::optional<torch::Tensor> grad, double g_s, double r,
                                        double c, double t_max, double proj_eps,
                                        double min_norm, std::optional<torch::Tensor> into) {
-  check_map(v);
-  check_vec(mu, v);
-  check_vec(beta, v);
+  check_map("bn_backward", v);
+  check_vec("bn_backward", "mu", mu, v);
+  check_vec("bn_backward", "beta", beta, v);
   const bool has_out = grad.has_value() && grad->defined();
   torch::Tensor g;
   if (has_out) {
-    g = grad->contiguous();
-    TORCH_CHECK(g.sizes() == v.sizes() && g.scalar_type() == v.scalar_type(), "bad grad");
+    g = *grad;
+    check_grad("bn_backward", g, v);
   }
   const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
   const bool accumulate = into.has_value() && into->defined();
-  auto grad_v = grad_buffer(v, into);
+  auto grad_v = grad_buffer("bn_backward", v, into);
   auto part = torch::zeros({std::max<int64_t>(tasks, 1), 2 * C + kGlobals}, v.options());
   torch::Tensor grad_mu, grad_beta, grad_r;
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "bn_backward", [&] {
@@ -1069,7 +1086,6 @@ Small make_small(const torch::Tensor& v, const torch::Tensor& sums, const torch:
   z.t_max = t_max;
   z.bn_eps = bn_eps;
   z.w = w;
-  TORCH_CHECK(beta_t.dim() == 1 && beta_t.size(0) == z.C, "bias must be a [C] vector");
   small_midpoint(z, to_doubles(sums), proj_eps);
   small_beta(z, beta_t);
   z.S = S;
@@ -1083,7 +1099,8 @@ Small make_small(const torch::Tensor& v, const torch::Tensor& sums, const torch:
 std::vector<torch::Tensor> bn_train_forward(torch::Tensor v, torch::Tensor beta_t, double w,
                                             double c, double bn_eps, double proj_eps,
                                             double t_max, double min_norm) {
-  check_map(v);
+  check_map("bn_train_forward", v);
+  check_bias("bn_train_forward", beta_t, v);
   auto sums = mid_forward(v, c, t_max, min_norm);
   Small z = make_small(v, sums, beta_t, 0.0, w, c, bn_eps, proj_eps, t_max, min_norm);
   auto mu = from_doubles(z.mu, v.options());
@@ -1102,7 +1119,14 @@ std::vector<torch::Tensor> bn_train_backward(torch::Tensor v, torch::Tensor grad
                                              torch::Tensor beta_t, double w, double c,
                                              double bn_eps, double proj_eps, double t_max,
                                              double min_norm, bool need_v) {
-  check_map(v);
+  const char* op = "bn_train_backward";
+  check_map(op, v);
+  check_grad(op, grad, v);
+  check_bias(op, beta_t, v);
+  ck::check_tensor(op, "sums", sums, v.scalar_type(), "the dtype of v");
+  ck::check_numel(op, "sums", sums, v.size(1) + 1, "C + 1 midpoint sums");
+  ck::check_tensor(op, "dist", S, v.scalar_type(), "the dtype of v");
+  ck::check_numel(op, "dist", S, 1, "the variance sum");
   Small z = make_small(v, sums, beta_t, S.item<double>(), w, c, bn_eps, proj_eps, t_max,
                        min_norm);
   small_rescale(z);
@@ -1114,8 +1138,7 @@ std::vector<torch::Tensor> bn_train_backward(torch::Tensor v, torch::Tensor grad
   // the variance chain.
   const int64_t B = v.size(0), C = v.size(1), P = pixels(v);
   const int64_t tasks = B * ((P + kBlock - 1) / kBlock);
-  auto g = grad.contiguous();
-  TORCH_CHECK(g.sizes() == v.sizes() && g.scalar_type() == v.scalar_type(), "bad grad");
+  const auto& g = grad;
   auto grad_v = torch::empty_like(v);
   auto var_a = torch::empty({need_v ? B * P : 0}, v.options());
   auto var_b = torch::empty({need_v ? B * P : 0}, v.options());

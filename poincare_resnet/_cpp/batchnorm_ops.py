@@ -9,10 +9,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import require_kernel
+from . import check_same_device, require_kernel
 
 
-def _scalar(t: Tensor) -> float:
+def _scalar(t: Tensor, name: str = "weight") -> float:
+    """The value of a one-element tensor argument (checked: a wrongly sized one is an error)."""
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
     return float(t.reshape(-1)[0])
 
 
@@ -36,6 +39,7 @@ def bn_train_forward(
 
 @bn_train_forward.register_fake
 def _(v, beta_t, weight, c, bn_eps, proj_eps, t_max, min_norm):
+    check_same_device("bn_train_forward", "v", dict(v=v, beta_t=beta_t, weight=weight))
     n = v.shape[1]
     return torch.empty_like(v), v.new_empty(n), v.new_empty(()), v.new_empty(n + 1), v.new_empty(())
 
@@ -77,6 +81,8 @@ def bn_train_backward(
 
 @bn_train_backward.register_fake
 def _(v, grad, sums, dist, beta_t, weight, c, bn_eps, proj_eps, t_max, min_norm, need_v):
+    named = dict(v=v, grad=grad, sums=sums, dist=dist, beta_t=beta_t, weight=weight)
+    check_same_device("bn_train_backward", "v", named)
     grad_v = torch.empty_like(v) if need_v else v.new_empty(0)
     f64 = torch.float64
     return grad_v, v.new_empty(v.shape[1], dtype=f64), v.new_empty((), dtype=f64)
@@ -94,11 +100,14 @@ def bn_out(
     min_norm: float,
 ) -> Tensor:
     """The per-pixel map ``logmap0(β ⊕ gyr[β, −μ](r ⊗ project((−μ) ⊕ expmap0(v))))``."""
-    return require_kernel("batchnorm").bn_out(v, mu, beta, _scalar(r), c, t_max, proj_eps, min_norm)
+    return require_kernel("batchnorm").bn_out(
+        v, mu, beta, _scalar(r, "r"), c, t_max, proj_eps, min_norm
+    )
 
 
 @bn_out.register_fake
 def _(v, mu, beta, r, c, t_max, proj_eps, min_norm):
+    check_same_device("bn_out", "v", dict(v=v, mu=mu, beta=beta, r=r))
     return torch.empty_like(v)
 
 
@@ -116,11 +125,12 @@ def bn_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`bn_out`: ``(∂L/∂v, ∂L/∂μ, ∂L/∂β, ∂L/∂r [1])``."""
     grad_v, grad_mu, grad_beta, grad_r = require_kernel("batchnorm").bn_backward(
-        v, mu, beta, grad.contiguous(), 0.0, _scalar(r), c, t_max, proj_eps, min_norm, None
+        v, mu, beta, grad.contiguous(), 0.0, _scalar(r, "r"), c, t_max, proj_eps, min_norm, None
     )
     return grad_v, grad_mu, grad_beta, grad_r
 
 
 @bn_backward.register_fake
 def _(v, mu, beta, grad, r, c, t_max, proj_eps, min_norm):
+    check_same_device("bn_backward", "v", dict(v=v, mu=mu, beta=beta, grad=grad, r=r))
     return torch.empty_like(v), torch.empty_like(mu), torch.empty_like(beta), v.new_empty(1)

@@ -13,6 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/bit_cast.h>
 
+#include <limits>
 #include <type_traits>
 
 namespace poincare_fastmath {
@@ -44,12 +45,14 @@ inline at::vec::Vectorized<int32_t> float_bits(const at::vec::Vectorized<float>&
 #endif
 }
 
-// log(x) for finite x >= the smallest normal number. double: SLEEF. float: inline (SLEEF's is a
-// function call, around which the compiler spills every vector register live in the loop):
-// x = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f), f = m - 1, with
-// Cephes' logf polynomial (relative error below 1e-7), and e log 2 split into two parts.
+// log(x) for finite x >= the smallest normal number (no special cases). double: SLEEF. float:
+// inline (SLEEF's is a function call, around which the compiler spills every vector register
+// live in the loop): x = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 P(f),
+// f = m - 1, with Cephes' logf polynomial (relative error below 1e-7), and e log 2 split into
+// two parts. For NaN or +inf the float result would come from the bits (~89 and ~88.7): the
+// callers below select the IEEE value.
 template <typename V>
-inline V log_pos(const V& x) {
+inline V log_normal(const V& x) {
   using T = typename V::value_type;
   if constexpr (std::is_same_v<T, double>) {
     return x.log();
@@ -81,6 +84,75 @@ inline V log_pos(const V& x) {
   }
 }
 
+template <typename V>
+inline V log(const V& x);
+
+// log(x) for x >= 1 (or any positive normal x), +inf or NaN: log(+inf) = +inf, log(NaN) = NaN
+// (AVX512: the IEEE log; elsewhere by one select, x itself where !(x < inf)).
+template <typename V>
+inline V log_ge1(const V& x) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return x.log();
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    return poincare_fastmath::log(x);
+#else
+    return V::blendv(x, log_normal(x), x < V(std::numeric_limits<T>::infinity()));
+#endif
+  }
+}
+
+// Cephes' logf polynomial: log(m) for m in [sqrt(1/2), sqrt(2)), f = m - 1, without e log 2.
+template <typename V>
+inline V log_mantissa(const V& f) {
+  V z = f * f;
+  V y = at::vec::fmadd(V(7.0376836292e-2f), f, V(-1.1514610310e-1f));
+  y = at::vec::fmadd(y, f, V(1.1676998740e-1f));
+  y = at::vec::fmadd(y, f, V(-1.2420140846e-1f));
+  y = at::vec::fmadd(y, f, V(1.4249322787e-1f));
+  y = at::vec::fmadd(y, f, V(-1.6668057665e-1f));
+  y = at::vec::fmadd(y, f, V(2.0000714765e-1f));
+  y = at::vec::fmadd(y, f, V(-2.4999993993e-1f));
+  y = at::vec::fmadd(y, f, V(3.3333331174e-1f));
+  y = y * f * z;
+  y = at::vec::fmadd(V(-0.5f), z, y);
+  return f + y;
+}
+
+// IEEE log for every float: log(NaN) = NaN, log(+inf) = +inf, log(+-0) = -inf, log(x < 0) = NaN,
+// denormals exact. Selects, no branches. AVX512: the exponent and mantissa come from
+// getexp/getmant, which give these special values by themselves (getexp(0) = -inf, getexp(inf)
+// = inf, getmant(x < 0) = NaN, denormals normalised) and cost fewer instructions than the bits;
+// e log 2 is one product (its rounding, ~2e-9 relative, is far below the polynomial's 1e-7), so
+// that e = +-inf is not met by a second term of the other sign. Elsewhere: the bits
+// (log_normal), with denormals scaled by 2^23 and the special values selected.
+template <typename V>
+inline V log(const V& x) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return x.log();
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_nan);
+    __m512 e = _mm512_getexp_ps(x);
+    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0f));
+    return at::vec::fmadd(V(e), V(0.693147180559945f), log_mantissa(V(m) - V(1.0f)));
+#else
+    constexpr T inf = std::numeric_limits<T>::infinity();
+    const V zero(0.0f);
+    const V sub = x < V(std::numeric_limits<T>::min());  // denormal, zero or negative
+    const V xs = V::blendv(x, x * V(8388608.0f), sub);
+    V y = log_normal(xs) - (sub & V(23.0f * 0.693147180559945f));
+    y = V::blendv(x, y, x < V(inf));           // +inf, NaN: x itself
+    y = V::blendv(y, V(-inf), x == zero);      // +-0
+    return V::blendv(y, V(std::numeric_limits<T>::quiet_NaN()), x < zero);
+#endif
+  }
+}
+
 constexpr double kSeriesBelow = 0.125;  // |x| below which the odd series is used (float)
 
 // An odd function sign(x) f(a), a = |x|, from its closed form big = f(a) and the coefficients of
@@ -94,34 +166,79 @@ inline V odd_blend(const V& x, const V& a, const V& big, double c3, double c5, d
 }
 
 // asinh(q); also returns sqrt(1 + q^2). double: sign(q) log1p(|q| + q^2 / (1 + sqrt(1 + q^2))).
-// float: sign(q) log(|q| + sqrt(1 + q^2)), series through q^9 for |q| < 1/8.
+// float: sign(q) log(|q| + sqrt(1 + q^2)), series through q^9 for |q| < 1/8. From |q| = 2^12
+// (float; 2^27 double) on, sqrt(1 + q^2) rounds to |q|: there asinh(q) = sign(q)(log|q| + log 2)
+// and the root is |q|, so neither overflows with q^2 (above ~1.8e19 in float32); the same select
+// takes NaN (-> NaN) and +-inf (-> +-inf, root +inf).
 template <typename V>
 inline V asinh(const V& q, V* root) {
   using T = typename V::value_type;
-  const V one(1);
+  constexpr T kHuge = std::is_same_v<T, double> ? T(134217728.0) : T(4096.0);
+  const V one(1), ln2(T(0.6931471805599453));
   V a = q.abs();
-  V a2 = a * a;
-  V r = (one + a2).sqrt();
+  V moderate = a < V(kHuge);  // false for NaN, inf and huge |q|
+  V r = V::blendv(a, (one + a * a).sqrt(), moderate);
   *root = r;
   if constexpr (std::is_same_v<T, double>) {
-    return (a + a2 / (one + r)).log1p().copysign(q);
+    V small = (a + a * a / (one + r)).log1p();
+    V huge = a.log() + ln2;
+    // below 2^-26 asinh(q) = q to rounding (and SLEEF's log1p flushes denormals to 0)
+    small = V::blendv(small, a, a < V(T(1.4901161193847656e-08)));
+    return V::blendv(huge, small, moderate).copysign(q);
   } else {
-    return odd_blend(q, a, log_pos(a + r), -1.0 / 6, 3.0 / 40, -15.0 / 336, 105.0 / 3456);
+    V lg = log_ge1(V::blendv(a, a + r, moderate)) + V::blendv(ln2, V(0), moderate);
+    return odd_blend(q, a, lg, -1.0 / 6, 3.0 / 40, -15.0 / 336, 105.0 / 3456);
   }
 }
 
-// sinh(g). double: SLEEF. float: (E - 1/E)/2 with E = exp(g) (the fast 20-ulp exp), series
-// through g^9 for |g| < 1/2 (relative error ~2e-6 at worst there).
+#if defined(CPU_CAPABILITY_AVX512)
+// float on AVX512: the same with the selects folded into masked instructions (the sqrt and
+// the add of the root only in the moderate lanes, log 2 added in the others).
+template <>
+inline at::vec::Vectorized<float> asinh(const at::vec::Vectorized<float>& q,
+                                        at::vec::Vectorized<float>* root) {
+  using V = at::vec::Vectorized<float>;
+  const __m512 a = q.abs();
+  const __mmask16 moderate = _mm512_cmp_ps_mask(a, _mm512_set1_ps(4096.0f), _CMP_LT_OQ);
+  const __m512 r = _mm512_mask_sqrt_ps(a, moderate, _mm512_fmadd_ps(a, a, _mm512_set1_ps(1.0f)));
+  *root = r;
+  __m512 lg = poincare_fastmath::log(V(_mm512_mask_add_ps(a, moderate, a, r)));
+  lg = _mm512_mask_add_ps(lg, _knot_mask16(moderate), lg, _mm512_set1_ps(0.693147180559945f));
+  return odd_blend(q, V(a), V(lg), -1.0 / 6, 3.0 / 40, -15.0 / 336, 105.0 / 3456);
+}
+#endif
+
+// sinh(g) for finite |g| <= 80 or NaN (the FC kernel's clamped argument; not for +-inf).
+// double: SLEEF. float: (E - 1/E)/2 with E = exp(g) (the fast 20-ulp exp), series through g^9
+// for |g| < 1/2 (relative error ~2e-6 at worst there). The fast exp clamps its argument, NaN
+// included, to a finite range: E + 0 g (one fma) carries a NaN g into the result.
+template <typename V>
+inline V sinh_bounded(const V& g) {
+  using T = typename V::value_type;
+  if constexpr (std::is_same_v<T, double>) {
+    return g.sinh();
+  } else {
+    V E = at::vec::fmadd(V(T(0)), g, g.exp_u20());
+    V big = (E - E.reciprocal()) * V(T(0.5));
+    V series = odd_series(g, g * g, 1.0 / 6, 1.0 / 120, 1.0 / 5040, 1.0 / 362880);
+    return V::blendv(big, series, g.abs() < V(T(0.5)));
+  }
+}
+
+// sinh(g) for every g: as sinh_bounded on |g|, with the sign of g, so both signs overflow to
+// +-inf together (from |g| ~ 88.4 on, where the fast exp overflows; true overflow at 89.4).
 template <typename V>
 inline V sinh(const V& g) {
   using T = typename V::value_type;
   if constexpr (std::is_same_v<T, double>) {
     return g.sinh();
   } else {
-    V E = g.exp_u20();
+    V a = g.abs();
+    V E = a.exp_u20();
     V big = (E - E.reciprocal()) * V(T(0.5));
-    V series = odd_series(g, g * g, 1.0 / 6, 1.0 / 120, 1.0 / 5040, 1.0 / 362880);
-    return V::blendv(big, series, g.abs() < V(T(0.5)));
+    V mag = V::blendv(big, odd_series(a, a * a, 1.0 / 6, 1.0 / 120, 1.0 / 5040, 1.0 / 362880),
+                      a < V(T(0.5)));
+    return V::blendv(g, with_sign_of(mag, g), a < V(std::numeric_limits<T>::infinity()));
   }
 }
 
@@ -134,7 +251,8 @@ inline void sinh_cosh(const V& x, V* sh, V* ch) {
     *ch = x.cosh();
   } else {
     *sh = sinh(x);
-    *ch = (V(T(1)) + *sh * *sh).sqrt();
+    // sqrt(1 + sinh^2) = sinh (rounded) from sinh = 2^12 on, where sinh^2 would overflow later
+    *ch = V::blendv(*sh, (V(T(1)) + *sh * *sh).sqrt(), *sh < V(T(4096)));
   }
 }
 
@@ -154,7 +272,7 @@ inline V tanh(const V& x) {
   }
 }
 
-// atanh(x), |x| < 1. double: SLEEF. float: sign(x) log((1 + |x|)/(1 - |x|))/2, series below 1/8.
+// atanh(x) (NaN for |x| > 1, +-inf at +-1). double: SLEEF. float: sign(x) log((1 + |x|)/(1 - |x|))/2, series below 1/8.
 template <typename V>
 inline V atanh(const V& x) {
   using T = typename V::value_type;
@@ -163,7 +281,10 @@ inline V atanh(const V& x) {
   } else {
     const V one(1);
     V a = x.abs();
-    V big = V(T(0.5)) * log_pos((one + a) / (one - a));
+    // (1 + a)/(1 - a): >= 1 for a < 1, +inf at a = 1 (atanh = +-inf), < 0 for a > 1 (NaN)
+    V ratio = (one + a) / (one - a);
+    V lg = V::blendv(V(std::numeric_limits<T>::quiet_NaN()), log_ge1(ratio), ratio >= V(0));
+    V big = V(T(0.5)) * lg;
     return odd_blend(x, a, big, 1.0 / 3, 1.0 / 5, 1.0 / 7, 1.0 / 9);
   }
 }

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
 #include "fastmath.h"
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 
 using at::vec::Vectorized;
 namespace fm = poincare_fastmath;
+namespace ck = poincare_checks;
 
 namespace {
 
@@ -139,7 +141,7 @@ void forward_impl(const T* dots, const T* SQ, const T* ch, const T* sh, const T*
           const int64_t m = std::min<int64_t>(V::size(), n - i);
           V q = ld<V>(a + i, m) * ld<V>(d + i, m) * vch - ld<V>(e + i, m) * vsh;
           V root;
-          V psi = fm::sinh(at::vec::clamp(vzn * fm::asinh(q, &root), nlim, lim));
+          V psi = fm::sinh_bounded(at::vec::clamp(vzn * fm::asinh(q, &root), nlim, lim));
           st(psi, o + i, m);
           st(ld<V>(p2buf + i, m) + psi * psi, p2buf + i, m);
         }
@@ -199,7 +201,7 @@ void backward_impl(const T* grad, const T* dots, const T* SQ, const T* ch, const
           V q = ld<V>(a + i, m) * ld<V>(d + i, m) * vch - ld<V>(e + i, m) * vsh;
           V root;
           V h = fm::asinh(q, &root);
-          V psi = fm::sinh(at::vec::clamp(vzn * h, nlim, lim));
+          V psi = fm::sinh_bounded(at::vec::clamp(vzn * h, nlim, lim));
           st(psi, psis + c * kBlock + i, m);
           st(h, hs + c * kBlock + i, m);
           st(root, roots + c * kBlock + i, m);  // sqrt(1 + q^2)
@@ -230,8 +232,9 @@ void backward_impl(const T* grad, const T* dots, const T* SQ, const T* ch, const
           // sqrt(1 + q^2) >= 1; the max keeps the zero-filled tail lanes finite
           V root = at::vec::maximum(ld<V>(roots + c * kBlock + i, m), one);
           V gg = ld<V>(kbuf + i, m) * ld<V>(gr + i, m) + ld<V>(cbuf + i, m) * psi;
-          V in_range = (vzn * h).abs() <= lim;
-          gg = V::blendv(zero, gg * (one + psi * psi).sqrt(), in_range);
+          // no gradient where g was clamped; NaN (not clamped) passes through
+          V clamped = (vzn * h).abs() > lim;
+          gg = V::blendv(gg * (one + psi * psi).sqrt(), zero, clamped);
           zacc = zacc + gg * h;
           V gq = gg * vzn / root;
           V av = ld<V>(a + i, m), dv = ld<V>(d + i, m);
@@ -256,11 +259,21 @@ void backward_impl(const T* grad, const T* dots, const T* SQ, const T* ch, const
   });
 }
 
-void check_inputs(const torch::Tensor& dots, const torch::Tensor& sq) {
-  TORCH_CHECK(dots.dim() == 3 && dots.is_contiguous(), "dots must be contiguous [B, C, P]");
-  TORCH_CHECK(sq.dim() == 2 && sq.size(0) == dots.size(0) && sq.size(1) == dots.size(2),
-              "sq must be [B, P]");
-  TORCH_CHECK(dots.device().is_cpu(), "native FC kernel runs on CPU tensors");
+// dots [B, C, P], sq [B, P] and the per-channel ch, sh, zn2 [C]: all contiguous CPU tensors of
+// dots' dtype (checked before any pointer is taken).
+void check_inputs(const char* op, const torch::Tensor& dots, const torch::Tensor& sq,
+                  const torch::Tensor& ch, const torch::Tensor& sh, const torch::Tensor& zn2) {
+  ck::check_map(op, "dots", dots, 3, "[B, C, P]");
+  const auto dtype = dots.scalar_type();
+  ck::check_tensor(op, "sq", sq, dtype, "the dtype of dots");
+  ck::check_sizes(op, "sq", sq, {dots.size(0), dots.size(2)}, "[B, P] for dots [B, C, P]");
+  const int64_t C = dots.size(1);
+  ck::check_tensor(op, "ch", ch, dtype, "the dtype of dots");
+  ck::check_numel(op, "ch", ch, C, "one per output channel");
+  ck::check_tensor(op, "sh", sh, dtype, "the dtype of dots");
+  ck::check_numel(op, "sh", sh, C, "one per output channel");
+  ck::check_tensor(op, "zn2", zn2, dtype, "the dtype of dots");
+  ck::check_numel(op, "zn2", zn2, C, "one per output channel");
 }
 
 template <typename T>
@@ -272,11 +285,7 @@ Params<T> make_params(double sc, double in_limit, double arg_limit, double out_l
 torch::Tensor fc_forward(torch::Tensor dots, torch::Tensor sq, torch::Tensor ch,
                          torch::Tensor sh, torch::Tensor zn2, double sc, double in_limit,
                          double arg_limit, double out_limit, double small, double min_norm) {
-  sq = sq.contiguous();
-  check_inputs(dots, sq);
-  ch = ch.contiguous();
-  sh = sh.contiguous();
-  zn2 = zn2.contiguous();
+  check_inputs("fc_forward", dots, sq, ch, sh, zn2);
   auto out = torch::empty_like(dots);
   const int64_t B = dots.size(0), C = dots.size(1), P = dots.size(2);
   AT_DISPATCH_FLOATING_TYPES(dots.scalar_type(), "fc_forward", [&] {
@@ -296,12 +305,9 @@ std::vector<torch::Tensor> fc_backward(torch::Tensor grad, torch::Tensor dots, t
                                        double sc, double in_limit, double arg_limit,
                                        double out_limit, double small, double min_norm,
                                        bool need_dots) {
-  sq = sq.contiguous();
-  check_inputs(dots, sq);
-  grad = grad.contiguous();
-  ch = ch.contiguous();
-  sh = sh.contiguous();
-  zn2 = zn2.contiguous();
+  check_inputs("fc_backward", dots, sq, ch, sh, zn2);
+  ck::check_tensor("fc_backward", "grad", grad, dots.scalar_type(), "the dtype of dots");
+  ck::check_sizes("fc_backward", "grad", grad, dots.sizes(), "the shape of dots");
   const int64_t B = dots.size(0), C = dots.size(1), P = dots.size(2);
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   auto grad_dots = need_dots ? torch::empty_like(dots) : torch::Tensor();

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import require_kernel
+from . import check_same_device, require_kernel
 
 
 @torch.library.custom_op("poincare_resnet::fc_forward", mutates_args=())
@@ -33,6 +33,7 @@ def fc_forward(
 
 @fc_forward.register_fake
 def _(dots, sq, ch, sh, zn2, sc, in_limit, arg_limit, out_limit, small, min_norm):
+    check_same_device("fc_forward", "dots", dict(dots=dots, sq=sq, ch=ch, sh=sh, zn2=zn2))
     return torch.empty_like(dots)
 
 
@@ -64,5 +65,7 @@ def fc_backward(
 
 @fc_backward.register_fake
 def _(grad, dots, sq, ch, sh, zn2, sc, in_limit, arg_limit, out_limit, small, min_norm, need):
+    named = dict(dots=dots, grad=grad, sq=sq, ch=ch, sh=sh, zn2=zn2)
+    check_same_device("fc_backward", "dots", named)
     grad_dots = torch.empty_like(dots) if need else dots.new_empty(0)
     return grad_dots, torch.empty_like(sq), dots.new_empty(3, dots.shape[1])

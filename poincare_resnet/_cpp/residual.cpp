@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "checks.h"
+
 #include <algorithm>
 #include <numeric>
 #include <vector>
@@ -398,18 +400,18 @@ void backward_impl(const T* G, const T* F, const T* R, T* grad_f, T* grad_r, dou
   });
 }
 
-void check_inputs(const torch::Tensor& f, const torch::Tensor& res) {
-  TORCH_CHECK(f.dim() == 3 && f.is_contiguous(), "f must be contiguous [B, C, P]");
-  TORCH_CHECK(res.sizes() == f.sizes() && res.is_contiguous(), "res must match f");
-  TORCH_CHECK(res.scalar_type() == f.scalar_type(), "f and res must share a dtype");
-  TORCH_CHECK(f.device().is_cpu() && res.device().is_cpu(), "native residual runs on CPU");
+namespace ck = poincare_checks;
+
+// f, res [B, C, P]: contiguous CPU maps of one floating dtype and shape.
+void check_inputs(const char* op, const torch::Tensor& f, const torch::Tensor& res) {
+  ck::check_map(op, "f", f, 3, "[B, C, P]");
+  ck::check_tensor(op, "res", res, f.scalar_type(), "the dtype of f");
+  ck::check_sizes(op, "res", res, f.sizes(), "the shape of f");
 }
 
 torch::Tensor residual_forward(torch::Tensor f, torch::Tensor res, double alpha, double c,
                                double proj_eps, double t_max, bool f_first) {
-  f = f.contiguous();
-  res = res.contiguous();
-  check_inputs(f, res);
+  check_inputs("residual_forward", f, res);
   auto out = torch::empty_like(f);
   const int64_t B = f.size(0), C = f.size(1), P = f.size(2);
   AT_DISPATCH_FLOATING_TYPES(f.scalar_type(), "residual_forward", [&] {
@@ -424,12 +426,9 @@ torch::Tensor residual_forward(torch::Tensor f, torch::Tensor res, double alpha,
 std::vector<torch::Tensor> residual_backward(torch::Tensor grad, torch::Tensor f,
                                              torch::Tensor res, double alpha, double c,
                                              double proj_eps, double t_max, bool f_first) {
-  f = f.contiguous();
-  res = res.contiguous();
-  grad = grad.contiguous();
-  check_inputs(f, res);
-  TORCH_CHECK(grad.sizes() == f.sizes() && grad.scalar_type() == f.scalar_type(),
-              "grad must match f");
+  check_inputs("residual_backward", f, res);
+  ck::check_tensor("residual_backward", "grad", grad, f.scalar_type(), "the dtype of f");
+  ck::check_sizes("residual_backward", "grad", grad, f.sizes(), "the shape of f");
   const int64_t B = f.size(0), C = f.size(1), P = f.size(2);
   const int64_t nblk = (P + kBlock - 1) / kBlock;
   auto grad_f = torch::empty_like(f);

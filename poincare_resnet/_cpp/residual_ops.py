@@ -9,7 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import require_kernel
+from . import check_same_device, require_kernel
+
+
+def _alpha(alpha: Tensor) -> float:
+    """The residual scale's value (a one-element tensor; a wrongly sized one is an error)."""
+    if alpha.numel() != 1:
+        raise ValueError(f"alpha must have one element, got shape {tuple(alpha.shape)}")
+    return float(alpha)
 
 
 @torch.library.custom_op("poincare_resnet::residual_forward", mutates_args=())
@@ -18,12 +25,13 @@ def residual_forward(
 ) -> Tensor:
     """``logmap0(expmap0(α f) ⊕ expmap0(res))`` (or ``res ⊕ f``) on ``[B, C, P]`` maps."""
     return require_kernel("residual").residual_forward(
-        f, res, float(alpha), c, proj_eps, t_max, f_first
+        f, res, _alpha(alpha), c, proj_eps, t_max, f_first
     )
 
 
 @residual_forward.register_fake
 def _(f, res, alpha, c, proj_eps, t_max, f_first):
+    check_same_device("residual_forward", "f", dict(f=f, res=res))
     return torch.empty_like(f)
 
 
@@ -40,11 +48,12 @@ def residual_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns ``(∂L/∂f, ∂L/∂res, ∂L/∂α)``."""
     grad_f, grad_r, grad_a = require_kernel("residual").residual_backward(
-        grad, f, res, float(alpha), c, proj_eps, t_max, f_first
+        grad, f, res, _alpha(alpha), c, proj_eps, t_max, f_first
     )
     return grad_f, grad_r, grad_a.reshape(())
 
 
 @residual_backward.register_fake
 def _(grad, f, res, alpha, c, proj_eps, t_max, f_first):
+    check_same_device("residual_backward", "f", dict(f=f, res=res, grad=grad))
     return torch.empty_like(f), torch.empty_like(res), f.new_empty(())

@@ -20,11 +20,17 @@ FC_ARG_LIMIT = 40.0
 
 
 def fast_asinh(q: Tensor) -> Tensor:
-    """``asinh(q) = sign(q)·log1p(|q| + q²/(1 + √(1 + q²)))``: the same values as
-    ``torch.asinh`` (to rounding) at about a third of its cost on CPU, where ``aten::asinh`` is
-    not vectorised; stable for small and large ``|q|``."""
+    """``asinh(q) = sign(q)·log1p(|q|·(1 + |q|/(1 + h)))``, ``h = hypot(1, q) = √(1 + q²)``: the
+    same values as ``torch.asinh`` (to rounding) at about a third of its cost on CPU, where
+    ``aten::asinh`` is not vectorised; stable for small and large ``|q|``. ``hypot`` and the
+    factored form never square ``q`` (``q²/(1 + √(1 + q²))`` was inf/inf = NaN from
+    ``|q| ≈ 1.8e19`` on in float32); NaN gives NaN and ±inf gives ±inf (and so, one binade
+    early, does ``|q| > max/2``, where ``2|q|`` overflows)."""
     a = q.abs()
-    return torch.copysign(torch.log1p(a + a * a / (1 + torch.sqrt(1 + a * a))), q)
+    h = torch.hypot(torch.ones((), dtype=a.dtype, device=a.device), a)
+    # |q|/(1 + h) → 1 as |q| → ∞; the clamp keeps it so at |q| = inf (not inf/inf)
+    ratio = a.clamp_max(torch.finfo(a.dtype).max) / (1 + h)
+    return torch.copysign(torch.log1p(a * (1 + ratio)), q)
 
 
 def _small(dtype: torch.dtype) -> float:
@@ -369,7 +375,7 @@ def _fc_native_args(dots, sq, znorm, bias, c):
     b, k = dots.shape[0], dots.shape[1]
     flat = (
         dots.reshape(b, k, -1).contiguous(),
-        sq.reshape(b, -1),
+        sq.reshape(b, -1).contiguous(),
         torch.cosh(two_sr),
         torch.sinh(two_sr),
         2 * znorm,
@@ -443,7 +449,7 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     q = a * dots * ch - e * sh
     h = fast_asinh(q)
     g_raw = 2 * zn * h
-    in_range = g_raw.abs() <= FC_ARG_LIMIT
+    clamped = g_raw.abs() > FC_ARG_LIMIT  # (NaN is not clamped: its gradient stays NaN)
     g = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT)
     del g_raw
     psi = torch.sinh(g)
@@ -466,9 +472,9 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     del psi
     # ψ = sinh(g), g = 2|z| asinh(q)   (no gradient where g was clamped)
     grad_g = torch.where(
-        in_range, grad_g * torch.cosh(g), torch.zeros((), dtype=dtype, device=dots.device)
+        clamped, torch.zeros((), dtype=dtype, device=dots.device), grad_g * torch.cosh(g)
     )
-    del g, in_range
+    del g, clamped
     grad_znorm = per_feature(grad_g * 2 * h) if needs[2] else None
     del h
     grad_q = grad_g * (2 * zn) / torch.sqrt(1 + q * q)

@@ -325,6 +325,39 @@ def _check_fc(x: Tensor, weight: Tensor, bias: Tensor | None, dim: int) -> None:
         )
 
 
+def _check_fc_tangent(dots: Tensor, sq: Tensor, znorm: Tensor, bias: Tensor, dim: int) -> None:
+    """``ValueError`` naming the argument unless ``znorm`` and ``bias`` are ``[K]`` vectors
+    (``K = dots.shape[dim]``, one per output feature) and ``sq`` has ``dots``' shape with size 1
+    along ``dim``, all floating point and on ``dots``' device. Reads shapes only (no host
+    sync)."""
+    if not isinstance(dots, Tensor) or dots.dim() == 0:
+        raise ValueError("dots must be a tensor with a feature axis")
+    ndim = dots.dim()
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim} is out of range for dots of shape {tuple(dots.shape)}")
+    k = dots.shape[dim]
+    for name, t in (("sq", sq), ("znorm", znorm), ("bias", bias)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not (t.is_floating_point() and dots.is_floating_point()):
+            raise ValueError(f"{name} and dots must be floating point, got {t.dtype}, {dots.dtype}")
+        if t.device != dots.device:
+            raise ValueError(f"{name} is on {t.device}, expected {dots.device} (that of dots)")
+    for name, t in (("znorm", znorm), ("bias", bias)):
+        if t.dim() != 1 or t.shape[0] != k:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected [{k}] (one per output feature of "
+                f"dots {tuple(dots.shape)} along dim={dim})"
+            )
+    want = list(dots.shape)
+    want[dim] = 1
+    if list(sq.shape) != want:
+        raise ValueError(
+            f"sq has shape {tuple(sq.shape)}, expected {tuple(want)} (‖p‖², dots' shape with size "
+            f"1 along dim={dim})"
+        )
+
+
 def _contract(x: Tensor, weight: Tensor, dim: int) -> Tensor:
     """``Σ_i x[..., i, ...] W[k, i]`` along ``dim``."""
     return torch.movedim(torch.movedim(x, dim, -1) @ weight.t(), -1, dim)
@@ -381,8 +414,16 @@ def fc_tangent(
     This is the fused core of :class:`~poincare_resnet.nn.PoincareLinear` and
     :class:`~poincare_resnet.nn.PoincareConv2d`: the contraction ⟨p, ẑ_k⟩ is an ordinary matmul or
     convolution and everything else is element-wise.
+
+    Raises ``ValueError`` (naming the argument) for a ``znorm`` or ``bias`` that is not one value
+    per output feature, an ``sq`` not of ``dots``' shape with size 1 along ``dim``, or another
+    device than ``dots``' (other floating dtypes are converted to ``dots``'). NaN and ±inf
+    propagate: a NaN in ``dots`` or ``sq`` gives NaN at that position, in every output feature
+    there (they share the norm of ψ).
     """
     c = check_curvature(c, dots)
+    _check_fc_tangent(dots, sq, znorm, bias, dim)
+    sq, znorm, bias = (t.to(dots.dtype) for t in (sq, znorm, bias))  # no-ops when they match
     if manual_backward_enabled():
         return F.FullyConnectedTangent.apply(dots, sq, znorm, bias, c, dim)
     return _fc_tangent_ref(dots, sq, znorm, bias, c, dim)

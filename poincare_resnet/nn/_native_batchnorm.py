@@ -122,6 +122,25 @@ class _BatchNormMap(torch.autograd.Function):
         return grad_v, grad_mu, grad_beta, grad_r.view(r.shape), None, None, None
 
 
+def _check_per_channel(v: Tensor, mu, beta_t: Tensor, weight: Tensor, var) -> None:
+    """``ValueError`` naming the argument for a wrongly sized per-channel tensor (shapes only:
+    no host sync). ``bias`` and the running mean hold one value per channel, ``weight`` and the
+    running variance one value."""
+    channels = v.shape[1]
+    named = [("bias", beta_t, channels), ("weight", weight, 1)]
+    if mu is not None:
+        named.append(("running mean", mu, channels))
+    if var is not None:
+        named.append(("running variance", var, 1))
+    for name, t, n in named:
+        if t.numel() != n:
+            what = "one per channel" if n == channels and name != "weight" else "a scalar"
+            raise ValueError(
+                f"batch norm: {name} has {t.numel()} elements (shape {tuple(t.shape)}), expected "
+                f"{n} ({what} of the input of shape {tuple(v.shape)})"
+            )
+
+
 def native_batchnorm(
     v: Tensor,
     mu: Tensor | None,
@@ -140,6 +159,7 @@ def native_batchnorm(
     Python float.
     """
     c = float(c)
+    _check_per_channel(v, mu, beta_t, weight, var)
     if (mu is None) != (var is None):  # one batch statistic and one given: not a layer's case
         return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
     shape = v.shape
