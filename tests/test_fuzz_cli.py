@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from poincare_resnet import cli
@@ -688,6 +688,8 @@ def test_fuzzed_bad_invocations_exit_2_and_change_nothing(prepared, record_prope
         deadline=None,
         derandomize=True,
         database=None,
+        # no shrinking: a failing case is reported as generated (its argv is in the message)
+        phases=[Phase.explicit, Phase.reuse, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(st.data())
