@@ -836,3 +836,13 @@ def test_stress_50_steps_large_inputs_high_lr(tmp_path, monkeypatch, record_prop
 @pytest.mark.slow  # ~60-120 s on a loaded 2-core machine
 def test_stress_500_steps_large_inputs_high_lr(tmp_path, monkeypatch, record_property):
     _stress(tmp_path, monkeypatch, 500, record_property)
+
+
+@pytest.mark.parametrize("split", ["train", "Test", "", "validation"])
+def test_evaluate_checkpoint_rejects_a_split_it_does_not_know(split, tmp_path):
+    from poincare_resnet.api import evaluate_checkpoint
+
+    # checked first: the checkpoint is never opened, nothing is written
+    with pytest.raises(ValueError, match=rf"unknown split {split!r}; choose one of val, test"):
+        evaluate_checkpoint(tmp_path / "missing.safetensors", split=split, out=tmp_path / "ev")
+    assert list(tmp_path.iterdir()) == []
