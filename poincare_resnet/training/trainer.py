@@ -173,14 +173,13 @@ class TrainConfig:
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
             (self.out is None or str(self.out).strip() != "", "--out must not be empty"),
         ]
-        finite = ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing")
-        for name in (*finite, "grad_clip", "val_fraction"):
-            value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("weight_decay", "warmup_epochs", "grad_clip"):  # inf passes the checks
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         if self.precision != "fp32" and self.dtype != "float32":
             raise ValueError("--precision bf16/fp16 needs --dtype float32")
         check_model_kwargs(self.model, self.model_kwargs)
