@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +17,44 @@ EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit 2), without the usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    """argparse ``type``: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """argparse ``type``: a finite float ``> 0``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be finite and > 0, got {text!r}")
+    return value
+
+
+_POSITIVE = _int_at_least(1)
+_NONNEGATIVE = _int_at_least(0)
+
+
 def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
     """``key=value`` pairs (values parsed as JSON where possible) for ``--model-kwargs``."""
     out: dict[str, Any] = {}
@@ -23,6 +62,10 @@ def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"--model-kwargs expects key=value, got {item!r}")
         key, value = item.split("=", 1)
+        if not key:
+            raise ValueError(f"--model-kwargs expects key=value, got {item!r} (empty key)")
+        if key in out:
+            raise ValueError(f"--model-kwargs gives {key!r} twice")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -167,14 +210,14 @@ def _add_ood(sub) -> None:
         "and/or paths (image directory or CIFAR-format file)",
     )
     p.add_argument("--scores", default="energy,msp,feature_norm", help="comma list")
-    p.add_argument("--repeats", type=int, default=5, help="random subsamples to average over")
-    p.add_argument("--subsample", type=int, default=None, help="samples per set per repeat")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=_POSITIVE, default=5, help="random subsamples to average over")
+    p.add_argument("--subsample", type=_POSITIVE, default=None, help="samples per set per repeat")
+    p.add_argument("--seed", type=_NONNEGATIVE, default=0)
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=_POSITIVE, default=256)
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default: <run dir>/ood)")
 
 
@@ -221,18 +264,21 @@ def _add_attack(sub) -> None:
         default="0.8,1.6,2.4,3.2",
         help="comma list of L∞ radii in /255 units of the [-1, 1] input range",
     )
-    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.add_argument("--steps", type=_POSITIVE, default=10, help="PGD steps")
     p.add_argument(
-        "--step-size", type=float, default=None, help="PGD step in /255 units (default 2.5·ε/steps)"
+        "--step-size",
+        type=_positive_float,
+        default=None,
+        help="PGD step in /255 units (default 2.5·ε/steps)",
     )
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at the image")
-    p.add_argument("--limit", type=int, default=None, help="attack N random test images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=_POSITIVE, default=None, help="attack N random test images")
+    p.add_argument("--seed", type=_NONNEGATIVE, default=0)
     p.add_argument("--dataset", default=None, help="default: the one it was trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=_POSITIVE, default=256)
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None, help="output directory (default: <run dir>/attack)")
 
 
@@ -249,8 +295,8 @@ def _cmd_attack(args) -> int:
     ck = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "attack"
     eps = [e / 255.0 for e in as_tuple(args.eps, float)]
-    if any(e < 0 for e in eps):
-        raise ValueError("--eps values must be >= 0")
+    if not all(math.isfinite(e) and e >= 0 for e in eps):
+        raise ValueError(f"--eps values must be finite and >= 0, got {args.eps!r}")
     run_attack(
         args.checkpoint,
         attacks=as_str_tuple(args.attack),
@@ -282,7 +328,7 @@ def _add_explain(sub) -> None:
     p.add_argument("--dataset", default=None, help="default: the one they were trained on")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
     p.add_argument(
         "--out", default=None, help="output directory (default: <first run dir>/explain)"
     )
@@ -394,7 +440,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="poincare-resnet",
         description="Train and evaluate fully hyperbolic (Poincaré) ResNets.",
     )
@@ -410,18 +456,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .training.trainer import NonFiniteError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a bad option (one line on stderr), --help or --version
+        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
         return COMMANDS[args.command][1](args)
     except NonFiniteError as e:
-        print(f"poincare-resnet: error: {e}", file=sys.stderr)
+        _error(e)
         return EXIT_NONFINITE
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"poincare-resnet: error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError, OSError) as e:
+        # bad input: options, data files, checkpoints, output directories (OSError: missing,
+        # unreadable or unwritable paths). One line naming the problem, no traceback.
+        _error(e)
         return EXIT_BAD_INPUT
+
+
+def _error(e: BaseException) -> None:
+    """``poincare-resnet: error: <message>`` on one line of stderr."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    print(f"poincare-resnet: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

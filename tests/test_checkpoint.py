@@ -283,3 +283,125 @@ def test_module_never_unpickles() -> None:
     assert not re.search(r"\bpickle\b|\bdill\b|\bmarshal\b", source)
     assert not re.search(r"\btorch\s*\.\s*load\b", source)
     assert "weights_only" not in source
+
+
+# ------------------------------------------------------------------ resolved model config
+
+
+def _nf_model_and_meta() -> tuple[nn.Module, dict]:
+    from poincare_resnet.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        "poincare_resnet20_nf", num_classes=10, in_chans=1, depth=8, widths=(4, 4, 4)
+    )
+    meta = {
+        "model_name": model.model_name,
+        "model_kwargs": model.model_kwargs,
+        "model_config": model.model_config,
+        "dataset": "digits",
+        "dtype": "float32",
+    }
+    return model.eval(), meta
+
+
+def _drift_nf_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later version changes two defaults of ``poincare_resnet20_nf`` (same parameter shapes)."""
+    from poincare_resnet.models import registry
+
+    drifted = {**registry._DEFAULTS["poincare_resnet20_nf"], "center_weight": False}
+    drifted["residual_scale"] = 1.0
+    monkeypatch.setitem(registry._DEFAULTS, "poincare_resnet20_nf", drifted)
+
+
+def test_checkpoint_rebuilds_the_trained_network_after_a_registry_default_drifts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    from poincare_resnet.api import load_model
+
+    model, meta = _nf_model_and_meta()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)).tanh()
+    with torch.no_grad():
+        saved = model(x)
+    path = save_checkpoint(tmp_path / "nf.safetensors", model_state=model.state_dict(), meta=meta)
+    assert load_checkpoint(path).meta["model_config"]["center_weight"] is True
+
+    _drift_nf_defaults(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a format-2 checkpoint needs no assumption
+        rebuilt, _ = load_model(path)
+    assert rebuilt.model_config == meta["model_config"]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), saved)
+
+
+def _format1_checkpoint(path: Path, state: dict, meta: dict) -> Path:
+    """A checkpoint as format 1 wrote it: no model_config, no metadata sha256."""
+    from safetensors.torch import save as st_save
+
+    tensors = {f"model/{k}": v.detach().clone().contiguous() for k, v in state.items()}
+    record = {k: v for k, v in meta.items() if k != "model_config"}
+    record.update(format_version=1, sha256=ckpt_mod._payload_sha256(tensors))
+    record["_layout"] = {"optimizer": None, "scheduler": None, "rng": None}
+    path.write_bytes(st_save(tensors, metadata={"poincare_resnet": json.dumps(record)}))
+    return path
+
+
+def test_format1_checkpoint_loads_with_a_warning_naming_the_assumption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from poincare_resnet.api import load_model
+
+    model, meta = _nf_model_and_meta()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)).tanh()
+    with torch.no_grad():
+        saved = model(x)
+    path = _format1_checkpoint(tmp_path / "old.safetensors", model.state_dict(), meta)
+    warning = (
+        r"checkpoint has no resolved model config \(format < 2\): rebuilding "
+        r"poincare_resnet20_nf with today's registry defaults"
+    )
+    with pytest.warns(UserWarning, match=warning):
+        same, _ = load_model(path)  # today's defaults are still those it was trained with
+    with torch.no_grad():
+        assert torch.equal(same(x), saved)
+    # after the drift the old way silently builds another network from the same weights:
+    # exactly what the resolved config prevents
+    _drift_nf_defaults(monkeypatch)
+    with pytest.warns(UserWarning, match=warning):
+        other, _ = load_model(path)
+    with torch.no_grad():
+        assert not torch.allclose(other(x), saved)
+
+
+def test_metadata_is_covered_by_a_sha256(tmp_path: Path) -> None:
+    path = _save_small(tmp_path / "a.safetensors", value=0.5)
+    data = path.read_bytes()
+    tampered = data.replace(b'\\"value\\": 0.5', b'\\"value\\": 0.7', 1)
+    assert tampered != data and len(tampered) == len(data)
+    path.write_bytes(tampered)
+    with pytest.raises(CheckpointError, match="metadata sha256 mismatch"):
+        load_checkpoint(path)
+
+
+def test_atomic_stem_replaces_every_suffix_or_none(tmp_path: Path) -> None:
+    stem = tmp_path / "table"
+    (tmp_path / "table.csv").write_text("old csv")
+    with ckpt_mod.atomic_stem(stem, (".csv", ".md")) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".table.")
+        Path(f"{tmp}.csv").write_text("new csv")
+        Path(f"{tmp}.md").write_text("new md")
+        assert (tmp_path / "table.csv").read_text() == "old csv"  # nothing visible before the end
+    assert (tmp_path / "table.csv").read_text() == "new csv"
+    assert (tmp_path / "table.md").read_text() == "new md"
+    with pytest.raises(RuntimeError), ckpt_mod.atomic_stem(stem, (".csv", ".md")) as tmp:
+        Path(f"{tmp}.csv").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert (tmp_path / "table.csv").read_text() == "new csv"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv", "table.md"]
+    with ckpt_mod.atomic_output(tmp_path / "fig.png") as tmp:
+        assert tmp.suffix == ".png"  # savefig picks the format from it
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "fig.png").read_bytes() == b"png"

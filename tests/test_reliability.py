@@ -340,38 +340,214 @@ def test_bad_train_input_exits_2_and_writes_nothing(case, tmp_path, monkeypatch,
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
-def test_output_dir_holding_another_run_is_refused_then_overwritten(tmp_path, capsys):
+def _train_args(out: Path, *extra: str) -> list[str]:
+    """A 1-step CLI run (64 images, batch 32: it stops mid-epoch after its first checkpoint)."""
+    return [
+        "train",
+        "--limit-train",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--model-kwargs",
+        "depth=8",
+        "widths=[2,2,2]",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_output_dir_holding_another_run_is_refused_even_with_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text('{"model": "euclidean_resnet20", "epochs": 99}\n')
     (out / "metrics.jsonl").write_text('{"epoch": 1, "val_top1": 0.5}\n')
     (out / "notes.txt").write_bytes(os.urandom(64))
     before = _snapshot(out)
-    args = [
-        "train",
-        "--limit-train",
-        "32",
-        "--batch-size",
-        "32",
-        "--epochs",
-        "1",
-        "--no-progress",
-        "--out",
-        str(out),
-    ]
-    rc = cli.main(args)
+    rc = cli.main(_train_args(out))
     captured = capsys.readouterr()
     assert rc == cli.EXIT_BAD_INPUT
     assert f"output directory {out} already holds files" in captured.err
     assert "--resume" in captured.err and "--overwrite" in captured.err
     assert _snapshot(out) == before
 
-    rc = cli.main([*args, "--overwrite", "--max-steps", "1"])
+    # a config.json without this tool's marker: not a run of ours, so nothing is deleted
+    rc = cli.main(_train_args(out, "--overwrite"))
     captured = capsys.readouterr()
-    assert rc == 0, captured.err
-    assert not (out / "notes.txt").exists()
-    assert '"model": "poincare_resnet20"' in (out / "config.json").read_text()
+    assert rc == cli.EXIT_BAD_INPUT, captured.err
+    assert (
+        f'refusing to --overwrite {out}: its config.json has no "tool": "poincare-resnet" marker'
+        in captured.err
+    )
+    assert "nothing was deleted" in captured.err and "Traceback" not in captured.err
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("kind", ["dataset", "home"])
+def test_overwrite_of_a_directory_this_tool_did_not_create_deletes_nothing(kind, tmp_path, capsys):
+    """``--out ~/data --overwrite`` and ``--out ~ --overwrite`` used to ``rmtree`` them."""
+    out = tmp_path / kind
+    out.mkdir()
+    if kind == "dataset":
+        (out / "train-images-idx3-ubyte.gz").write_bytes(os.urandom(256))
+        (out / "metrics.jsonl").write_text("{}\n")  # a name the tool writes is not enough
+    else:
+        (out / ".bashrc").write_text("export PATH=$PATH\n")
+        (out / "thesis").mkdir()
+        (out / "thesis" / "main.tex").write_text("\\documentclass{article}\n")
+    before = _snapshot(out)
+    rc = cli.main(_train_args(out, "--overwrite"))
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_BAD_INPUT
+    assert (
+        f"refusing to --overwrite {out}: it holds no config.json written by poincare-resnet" in err
+    )
+    assert _snapshot(out) == before
+
+
+def test_overwrite_replaces_a_run_of_this_tool_and_refuses_one_with_foreign_files(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(_train_args(out)) == 0
+    capsys.readouterr()
+    config = json.loads((out / "config.json").read_text())
+    assert config["tool"] == "poincare-resnet" and config["format_version"] == 2
+    first = _snapshot(out)
+
+    # a foreign file anywhere (top level, inside checkpoints/, a link): refused, nothing deleted
+    foreign = [
+        out / "notes.txt",
+        out / "checkpoints" / "my-weights.pt",
+        out / "ood" / "paper-figure.pdf",
+    ]
+    for path in foreign:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(os.urandom(16))
+        before = _snapshot(out)
+        rc = cli.main(_train_args(out, "--overwrite", "--seed", "1"))
+        err = capsys.readouterr().err
+        assert rc == cli.EXIT_BAD_INPUT, err
+        assert f"refusing to --overwrite {out}: it holds files poincare-resnet did not write" in err
+        assert str(path.relative_to(out)) in err
+        assert _snapshot(out) == before
+        path.unlink()
+    (out / "ood").rmdir()
+    (out / "link").symlink_to(tmp_path)
+    rc = cli.main(_train_args(out, "--overwrite"))
+    assert rc == cli.EXIT_BAD_INPUT and "(link)" in capsys.readouterr().err
+    (out / "link").unlink()
+    assert _snapshot(out) == first
+
+    # only the tool's own files (and an atomic write's leftover): replaced
+    (out / ".metrics.0123456789abcdef.tmp.jsonl").write_text("half a line")
+    (out / "attack").mkdir()
+    (out / "attack" / "attack.csv").write_text("a,b\n")
+    rc = cli.main(_train_args(out, "--overwrite", "--seed", "1"))
+    assert rc == 0, capsys.readouterr().err
+    assert not (out / ".metrics.0123456789abcdef.tmp.jsonl").exists()
+    assert not (out / "attack").exists()
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
     assert _ckpt_steps(out) == [1]
+
+
+def test_remove_run_files_deletes_only_known_files_and_keeps_the_directory(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "explain").mkdir()
+    (run / "config.json").write_text('{"tool": "poincare-resnet", "format_version": 2}')
+    for name in ["best.safetensors", "best.json", "summary.json", "checkpoints/ckpt-00000003.json",
+                 "checkpoints/ckpt-00000003.safetensors", "explain/explanations.png"]:  # fmt: skip
+        (run / name).write_bytes(b"x")
+    trainer.remove_run_files(run)
+    assert run.is_dir() and list(run.iterdir()) == []
+    # a stranger among them: RunDirError before anything is deleted
+    (run / "config.json").write_text('{"tool": "poincare-resnet", "format_version": 2}')
+    (run / "best.safetensors").write_bytes(b"x")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "ckpt-1.safetensors.bak").write_bytes(b"x")
+    before = _snapshot(run)
+    with pytest.raises(trainer.RunDirError, match=r"checkpoints/ckpt-1\.safetensors\.bak"):
+        trainer.remove_run_files(run)
+    assert _snapshot(run) == before
+
+
+def test_run_config_and_checkpoints_carry_the_resolved_model_config(reference):
+    import inspect
+
+    from poincare_resnet.models.resnet import PoincareResNet
+
+    run = reference["run"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["tool"] == "poincare-resnet" and config["format_version"] == 2
+    params = list(inspect.signature(PoincareResNet.__init__).parameters)[1:]
+    resolved = config["model_config"]
+    assert list(resolved) == params  # every constructor argument, in order
+    assert resolved["depth"] == 20 and resolved["c"] == 0.1 and resolved["in_chans"] == 1
+    for name in ("best.safetensors", "last.safetensors"):
+        meta = load_checkpoint(run / name).meta
+        assert meta["format_version"] == 2
+        assert meta["model_config"] == resolved
+
+
+def test_resume_rebuilds_the_stored_network_when_a_registry_default_changed(tmp_path, monkeypatch):
+    from poincare_resnet.models import registry
+
+    run = tmp_path / "run"
+    train(_tiny(run, max_steps=1, model_kwargs={"depth": 8, "widths": [2, 2, 2]}), log=_quiet)
+    # a later version changes a default of the name; parameter shapes stay the same
+    monkeypatch.setitem(registry._DEFAULTS, "poincare_resnet20", {"depth": 20, "c": 0.5})
+    assert create_model("poincare_resnet20", depth=8).curvature.value == pytest.approx(0.5)
+    train(TrainConfig(progress=False, log_every=1, max_steps=2), resume=str(run), log=_quiet)
+    meta = load_checkpoint(run / "checkpoints" / "ckpt-00000002.safetensors").meta
+    assert meta["model_config"]["c"] == 0.1
+
+
+def _default_out_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One rank of a gloo run with the default --out; each rank's clock would name another
+    directory (simulated by a rank suffix), so only rank 0's name may be used."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+    )
+    os.chdir(root)
+    torch.set_num_threads(1)
+    real = trainer._default_out
+    trainer._default_out = lambda cfg: f"{real(cfg)}-rank{rank}"
+    cfg = TrainConfig(
+        dataset="digits",
+        limit_train=64,
+        batch_size=32,
+        epochs=1,
+        max_steps=1,
+        progress=False,
+        device="cpu",
+        threads=1,
+        model_kwargs={"depth": 8, "widths": [2, 2, 2]},
+    )
+    train(cfg, log=_quiet)
+
+
+def test_distributed_run_with_default_out_makes_one_run_directory(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_default_out_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    made = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(made) == 1 and made[0].endswith("-rank0"), made
+    run = tmp_path / "runs" / made[0]
+    assert (run / "config.json").is_file() and _ckpt_steps(run) == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
 def test_resume_validates_runtime_options(tmp_path, capsys):
@@ -660,3 +836,13 @@ def test_stress_50_steps_large_inputs_high_lr(tmp_path, monkeypatch, record_prop
 @pytest.mark.slow  # ~60-120 s on a loaded 2-core machine
 def test_stress_500_steps_large_inputs_high_lr(tmp_path, monkeypatch, record_property):
     _stress(tmp_path, monkeypatch, 500, record_property)
+
+
+@pytest.mark.parametrize("split", ["train", "Test", "", "validation"])
+def test_evaluate_checkpoint_rejects_a_split_it_does_not_know(split, tmp_path):
+    from poincare_resnet.api import evaluate_checkpoint
+
+    # checked first: the checkpoint is never opened, nothing is written
+    with pytest.raises(ValueError, match=rf"unknown split {split!r}; choose one of val, test"):
+        evaluate_checkpoint(tmp_path / "missing.safetensors", split=split, out=tmp_path / "ev")
+    assert list(tmp_path.iterdir()) == []

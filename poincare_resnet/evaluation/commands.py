@@ -8,6 +8,7 @@ the dataset it was trained on, returns table rows and, when ``out`` is given, wr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..training.checkpoint import atomic_output, atomic_stem
 from .attacks import ATTACKS, PAPER_FGSM_EPS, robust_accuracy
 from .explain import grad_cam, input_saliency
 from .metrics import ood_roc_curve
@@ -35,7 +37,33 @@ __all__ = [
     "run_attack",
     "run_explain",
     "run_ood",
+    "write_table_atomic",
 ]
+
+
+def write_table_atomic(rows: Sequence[Mapping[str, Any]], stem: str | Path) -> str:
+    """:func:`~poincare_resnet.evaluation.plots.write_table` (``<stem>.csv`` and ``.md``),
+    each file replaced atomically (:func:`~poincare_resnet.training.checkpoint.atomic_stem`)."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_stem(stem, (".csv", ".md")) as tmp:
+        return write_table(rows, tmp)
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_device_and_out(device: Any, out: str | Path | None) -> None:
+    """Fail before any work for a bad device or an output directory that cannot be written."""
+    from ..training.trainer import check_output_dir, resolve_device
+
+    resolve_device(str(device))
+    if out is not None:
+        check_output_dir(out, "--out")
 
 
 def load_checkpoint_data(
@@ -53,9 +81,14 @@ def load_checkpoint_data(
     if not name:
         raise ValueError(f"{checkpoint}: the checkpoint names no dataset; pass one explicitly")
     data = load_dataset(name, data_dir)
-    expect = meta.get("model_kwargs", {}).get("in_chans", data.in_chans)
+    expect = getattr(model, "in_chans", data.in_chans)
     if data.in_chans != expect:
         raise ValueError(f"dataset {name} has {data.in_chans} channels, the model expects {expect}")
+    classes = getattr(model, "num_classes", data.num_classes)
+    if data.num_classes != classes:
+        raise ValueError(
+            f"dataset {name} has {data.num_classes} classes, the model was trained for {classes}"
+        )
     return model, meta, data
 
 
@@ -181,6 +214,13 @@ def run_ood(
     """
     if not ood_sets:
         raise ValueError("give at least one OOD set")
+    _positive_int("repeats", repeats)
+    _positive_int("subsample", subsample, allow_none=True)
+    _positive_int("batch_size", batch_size)
+    for s in scores:
+        if s not in SCORE_FUNCTIONS:
+            raise ValueError(f"unknown OOD score {s!r}; choose from {sorted(SCORE_FUNCTIONS)}")
+    _check_device_and_out(device, out)
     model, meta, data = load_checkpoint_data(checkpoint, data_dir, device, dataset)
     sets = resolve_ood_sets(ood_sets, data.test_x, seed)
     rows, in_scores, out_scores = ood_scores_and_rows(
@@ -189,11 +229,13 @@ def run_ood(
     rows = [{"model": meta.get("model_name", ""), "dataset": data.name, **r} for r in rows]
     if out is not None:
         out = Path(out)
-        write_table(rows, out / "ood")
+        write_table_atomic(rows, out / "ood")
         for s in scores:
             curves = {k: ood_roc_curve(in_scores[s], v) for k, v in out_scores[s].items()}
-            plot_roc_curves(curves, out / f"roc_{s}.png", title=f"ROC, {s} (ID = {data.name})")
-            plot_score_histograms(in_scores[s], out_scores[s], out / f"hist_{s}.png", title=s)
+            with atomic_output(out / f"roc_{s}.png") as tmp:
+                plot_roc_curves(curves, tmp, title=f"ROC, {s} (ID = {data.name})")
+            with atomic_output(out / f"hist_{s}.png") as tmp:
+                plot_score_histograms(in_scores[s], out_scores[s], tmp, title=s)
     return rows
 
 
@@ -260,6 +302,18 @@ def run_attack(
     its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``."""
     if not attacks:
         raise ValueError("give at least one attack")
+    for name in attacks:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
+    eps = list(eps)
+    if not eps or not all(isinstance(e, int | float) and math.isfinite(e) and e >= 0 for e in eps):
+        raise ValueError(f"eps must be one or more finite values >= 0, got {eps!r}")
+    _positive_int("steps", steps)
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be finite and > 0, got {step_size!r}")
+    _positive_int("limit", limit, allow_none=True)
+    _positive_int("batch_size", batch_size)
+    _check_device_and_out(device, out)
     model, meta, data = load_checkpoint_data(checkpoint, data_dir, device, dataset)
     idx = _subset(len(data.test_y), limit, seed)
     rows = attack_rows(
@@ -277,10 +331,9 @@ def run_attack(
     rows = [{"model": meta.get("model_name", ""), "dataset": data.name, **r} for r in rows]
     if out is not None:
         out = Path(out)
-        write_table(rows, out / "attack")
-        plot_accuracy_vs_eps(
-            rows, out / "accuracy_vs_eps.png", title=f"Robust accuracy on {data.name}"
-        )
+        write_table_atomic(rows, out / "attack")
+        with atomic_output(out / "accuracy_vs_eps.png") as tmp:
+            plot_accuracy_vs_eps(rows, tmp, title=f"Robust accuracy on {data.name}")
     return rows
 
 
@@ -299,6 +352,9 @@ def run_explain(
         checkpoints = [checkpoints]
     if not checkpoints:
         raise ValueError("give at least one checkpoint")
+    if isinstance(images, bool) or (isinstance(images, int) and images < 1):
+        raise ValueError(f"images must be a positive count or a list of indices, got {images!r}")
+    _check_device_and_out(device, out)
     loaded = []
     data = None
     for ck in checkpoints:
@@ -347,6 +403,7 @@ def run_explain(
             )
     if out is not None:
         out = Path(out)
-        write_table(rows, out / "explanations")
-        plot_explanations(x, maps, out / "explanations.png")
+        write_table_atomic(rows, out / "explanations")
+        with atomic_output(out / "explanations.png") as tmp:
+            plot_explanations(x, maps, tmp)
     return rows

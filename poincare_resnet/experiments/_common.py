@@ -106,16 +106,21 @@ def new_figure(ncols: int = 1, size: tuple[float, float] = (5.0, 4.0)) -> tuple[
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG."""
+    """Write ``fig`` as a PNG, atomically (:func:`~.training.checkpoint.atomic_output`)."""
+    from ..training.checkpoint import atomic_output
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     return path
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON."""
+    """Write ``data`` as indented JSON, atomically."""
+    from ..training.checkpoint import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def run_probe(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

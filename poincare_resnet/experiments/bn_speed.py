@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.plots import write_table
+from ..evaluation.commands import write_table_atomic as write_table
 from ..nn import PoincareBatchNorm2d
 from ..training.trainer import NonFiniteError, TrainConfig, train
 from ._common import (

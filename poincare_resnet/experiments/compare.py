@@ -12,7 +12,9 @@ from ..api import load_model
 from ..data import load_dataset
 from ..evaluation.attacks import PAPER_FGSM_EPS
 from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
-from ..evaluation.plots import plot_accuracy_vs_eps, write_table
+from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.plots import plot_accuracy_vs_eps
+from ..training.checkpoint import atomic_output
 from ..training.trainer import NonFiniteError, TrainConfig, train
 from ._common import Log, as_str_tuple, as_tuple, pick, torch_threads, write_json
 
@@ -128,11 +130,12 @@ def run(
         write_table(all_ood_rows, out / f"{SLUG}_ood")
     if all_attack_rows:
         write_table(all_attack_rows, out / f"{SLUG}_attacks")
-        plot_accuracy_vs_eps(
-            all_attack_rows,
-            out / f"{SLUG}.png",
-            title=f"Robust accuracy on {dataset} ({n_att} test images)",
-        )
+        with atomic_output(out / f"{SLUG}.png") as tmp:
+            plot_accuracy_vs_eps(
+                all_attack_rows,
+                tmp,
+                title=f"Robust accuracy on {dataset} ({n_att} test images)",
+            )
     write_json(
         out / f"{SLUG}_summary.json",
         {

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.plots import write_table
+from ..evaluation.commands import write_table_atomic as write_table
 from ._common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
 
 SLUG = "graph_memory"

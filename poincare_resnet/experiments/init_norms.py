@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.plots import write_table
+from ..evaluation.commands import write_table_atomic as write_table
 from ..nn import PoincareConv2d, PoincareLinear
 from ._common import (
     Log,

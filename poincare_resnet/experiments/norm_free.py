@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation.plots import write_table
+from ..evaluation.commands import write_table_atomic as write_table
 from ..models import NORM_FREE, PoincareResNet
 from ..training.trainer import NonFiniteError, TrainConfig, resolve_device, train
 from ._common import (

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -68,16 +70,119 @@ def resolve_model_name(name: str) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"unknown model {name!r}{hint} (see `poincare-resnet models`)")
 
 
+# set by create_model: the two arguments every constructor takes from the dataset
+_DATA_ARGS = ("num_classes", "in_chans")
+
+
+def _constructor_params(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
+    """The keyword arguments of ``cls.__init__`` (``self`` and ``*args``/``**kw`` left out)."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p for k, p in list(params.items())[1:] if p.kind in kinds}
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """The option names ``--model-kwargs`` accepts for model ``name`` (its constructor's
+    arguments, less ``num_classes`` and ``in_chans``, which come from the dataset)."""
+    base, _ = resolve_model_name(name)
+    return tuple(k for k in _constructor_params(_REGISTRY[base]) if k not in _DATA_ARGS)
+
+
+def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for an unknown model ``name`` or an option its constructor lacks,
+    listing the valid ones."""
+    valid = model_options(name)
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"model options must be a dict of KEY=VALUE, got {kwargs!r}")
+    given = [k for k in kwargs if k in _DATA_ARGS]
+    if given:
+        raise ValueError(
+            f"model option(s) {', '.join(given)} come from the dataset and cannot be set; "
+            f"valid options of {name}: {', '.join(valid)}"
+        )
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown model option(s) {', '.join(map(repr, unknown))} for {name}; "
+            f"valid options: {', '.join(valid)}"
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples → lists, recursively (what ``json`` would store)."""
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _build(base: str, args: dict[str, Any]) -> nn.Module:
+    """``cls(**args)``; a bad option value is a ``ValueError`` naming the model."""
+    try:
+        return _REGISTRY[base](**args)
+    except (TypeError, OverflowError) as exc:
+        raise ValueError(f"invalid options for model {base}: {exc}") from exc
+
+
+def resolved_config(base: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Every constructor argument of registered model ``base`` called with ``args``: the
+    constructor's signature defaults, overridden by ``args`` (registry defaults + user kwargs),
+    as JSON-able values. ``build_from_config(base, resolved_config(base, args))`` rebuilds the
+    same network whatever the registry's defaults later become."""
+    params = _constructor_params(_REGISTRY[base])
+    config = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+    config.update(args)
+    return {k: _jsonable(v) for k, v in config.items()}
+
+
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs: Any) -> nn.Module:
     """Build a registered model. The resolved name and arguments are kept on the model as
-    ``model.model_name`` and ``model.model_kwargs`` (checkpoints use them to rebuild it)."""
+    ``model.model_name``, ``model.model_kwargs`` (the options given) and ``model.model_config``
+    (every constructor argument after the registry's defaults; checkpoints rebuild from it).
+
+    Raises ``ValueError`` for an unknown name or option (listing the valid ones) and for an
+    option value the constructor rejects.
+    """
     base, extra = resolve_model_name(name)
+    check_model_kwargs(name, kwargs)
     args = {**_DEFAULTS[base], **extra, **kwargs, "num_classes": num_classes, "in_chans": in_chans}
-    model = _REGISTRY[base](**args)
+    model = _build(base, args)
     model.model_name = base
     # what to pass to create_model(base, ...) to rebuild it: the name's own defaults are implied
-    model.model_kwargs = {
-        k: (list(v) if isinstance(v, tuple) else v) for k, v in {**extra, **kwargs}.items()
-    }
+    model.model_kwargs = {k: _jsonable(v) for k, v in {**extra, **kwargs}.items()}
     model.model_kwargs.update(num_classes=num_classes, in_chans=in_chans)
+    model.model_config = resolved_config(base, args)
+    return model
+
+
+def build_from_config(name: str, config: dict[str, Any]) -> nn.Module:
+    """Rebuild model ``name`` from a resolved ``config`` (:func:`resolved_config`), ignoring
+    today's registry defaults: the constructor gets exactly ``config``. An argument the
+    constructor has gained since is left at its signature default, with a warning.
+
+    Raises ``ValueError`` for an unknown name, a key the constructor does not take, or a
+    value it rejects.
+    """
+    if name not in _REGISTRY:
+        resolve_model_name(name)  # raises, suggesting close names
+        raise ValueError(f"model {name!r} is not a registered name; cannot rebuild it")
+    if not isinstance(config, dict):
+        raise ValueError(f"model config of {name} must be a dict, got {type(config).__name__}")
+    params = _constructor_params(_REGISTRY[name])
+    unknown = [k for k in config if k not in params]
+    if unknown:
+        raise ValueError(
+            f"model config of {name} has argument(s) {', '.join(map(repr, unknown))} that "
+            f"{_REGISTRY[name].__name__} does not take (valid: {', '.join(params)})"
+        )
+    new = [k for k in params if k not in config]
+    if new:
+        warnings.warn(
+            f"model config of {name} lacks argument(s) {', '.join(new)} (added to "
+            f"{_REGISTRY[name].__name__} since); using their signature defaults",
+            stacklevel=2,
+        )
+    model = _build(name, dict(config))
+    model.model_name = name
+    model.model_kwargs = dict(config)
+    model.model_config = resolved_config(name, config)
     return model

@@ -9,7 +9,9 @@ Layout of a checkpoint file: tensors are stored under ``model/``, ``optimizer/``
 ``scheduler/``, ``rng/`` and ``extra/`` prefixes; the safetensors header metadata holds
 ``{"poincare_resnet": json.dumps(record)}`` where ``record`` is the user metadata plus
 ``format_version``, ``sha256`` (over the tensor payload) and ``_layout`` (the JSON
-structures of the optimizer, scheduler and RNG states with tensor placeholders).
+structures of the optimizer, scheduler and RNG states with tensor placeholders); from format 2
+on also ``"poincare_resnet_sha256"``, the SHA-256 of that metadata string, so that an altered
+byte anywhere in the file (payload or metadata) is detected.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import json
 import os
 import random
 import re
-import tempfile
-from collections.abc import Callable, Mapping
+import secrets
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointManager",
+    "atomic_output",
+    "atomic_stem",
     "atomic_write_bytes",
     "atomic_write_text",
     "capture_rng_state",
@@ -49,8 +53,10 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+# 2: the metadata of model checkpoints carries ``model_config`` (every constructor argument)
+FORMAT_VERSION = 2
 _META_KEY = "poincare_resnet"
+_META_SHA_KEY = "poincare_resnet_sha256"  # format 2: SHA-256 of the metadata string itself
 _LAYOUT_KEY = "_layout"
 _RESERVED_META = ("format_version", "sha256", _LAYOUT_KEY)
 _TENSOR = "__tensor__"
@@ -84,24 +90,54 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_stem(stem: PathLike, suffixes: Sequence[str] = ("",)) -> Iterator[Path]:
+    """Write files atomically through a temporary stem in the same directory.
+
+    Yields ``tmp`` (``.<stem name>.<16 hex>.tmp``); whatever the block writes to ``tmp + s``
+    for ``s`` in ``suffixes`` is then flushed (``fsync``) and moved onto ``stem + s`` with
+    ``os.replace``, and the directory entry is flushed. A reader therefore sees the old or the
+    new file, never a half-written one; if the block raises, the temporary files are removed
+    and the targets are untouched. This is the one writer every output of the library goes
+    through (checkpoints, JSON, tables, figures).
+    """
+    stem = Path(stem)
+    directory = stem.parent if str(stem.parent) else Path(".")
+    tmp = directory / f".{stem.name}.{secrets.token_hex(8)}.tmp"
+    pairs = [(Path(f"{tmp}{s}"), Path(f"{stem}{s}")) for s in suffixes]
+    try:
+        yield tmp
+        for written, target in pairs:
+            if not written.is_file():
+                raise FileNotFoundError(f"atomic write of {target}: nothing was written")
+            mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+            with open(written, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(written, mode)
+        for written, target in pairs:
+            os.replace(written, target)
+    finally:
+        for written, _ in pairs:
+            with contextlib.suppress(OSError):
+                written.unlink()
+    _fsync_directory(directory)
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Atomically write one file: yields a temporary path with ``path``'s suffix (so that
+    writers that infer the format from it, e.g. ``savefig``, still work); see
+    :func:`atomic_stem`."""
+    path = Path(path)
+    with atomic_stem(path.with_name(path.stem), (path.suffix,)) as tmp:
+        yield Path(f"{tmp}{path.suffix}")
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: the file is either the old or the new content."""
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    with atomic_output(path) as tmp:
+        with open(tmp, "xb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(directory)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -331,9 +367,14 @@ def save_checkpoint(
     record[_LAYOUT_KEY] = layout
     encoded = json.dumps(record)
 
-    atomic_write_bytes(path, _st_save_bytes(tensors, metadata={_META_KEY: encoded}))
+    metadata = {_META_KEY: encoded, _META_SHA_KEY: _text_sha256(encoded)}
+    atomic_write_bytes(path, _st_save_bytes(tensors, metadata=metadata))
     atomic_write_text(_sidecar_path(path), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _corrupt(path: Path, why: str) -> CheckpointError:
@@ -361,8 +402,9 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         ends = [
             int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"
         ]
-        encoded = (header.get("__metadata__") or {}).get(_META_KEY)
-        if encoded is None:
+        metadata = header.get("__metadata__") or {}
+        encoded = metadata.get(_META_KEY)
+        if not isinstance(encoded, str):
             raise _corrupt(path, "no poincare_resnet metadata in the header")
         record = json.loads(encoded)
         if not isinstance(record, dict):
@@ -375,11 +417,16 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if expected_size != len(data):
         raise _corrupt(path, f"file has {len(data)} bytes, header describes {expected_size}")
     version = record.get("format_version")
+    stored_meta = metadata.get(_META_SHA_KEY)
+    if stored_meta is not None and stored_meta != _text_sha256(encoded):
+        raise _corrupt(path, "metadata sha256 mismatch (the metadata was altered)")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path}: unsupported format_version {version!r} "
             f"(this library reads up to {FORMAT_VERSION})"
         )
+    if version >= 2 and stored_meta is None:
+        raise _corrupt(path, "format 2 checkpoint without its metadata sha256")
     try:
         tensors = _st_load_bytes(data)
     except Exception as exc:  # safetensors raises its own error types

@@ -3,7 +3,12 @@
 A run directory holds ``config.json`` (resolved), ``metrics.jsonl`` (one line per epoch),
 ``checkpoints/`` (rotating, atomic resume checkpoints: model, optimizer, scheduler, RNG and
 data-order position), ``best.safetensors`` / ``last.safetensors`` (weights + JSON metadata),
-``training_curves.png``, ``summary.json`` and ``report.md``. Only rank 0 writes.
+``training_curves.png``, ``summary.json`` and ``report.md``. Only rank 0 writes; under
+``torchrun`` rank 0 names the run directory and broadcasts the name.
+
+``config.json`` carries the marker ``"tool": "poincare-resnet"`` and a ``format_version``;
+``--overwrite`` replaces only such a directory, deleting only the files this tool writes there,
+and refuses (before deleting anything) a directory that holds anything else.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import random
-import shutil
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,15 +34,24 @@ from torch import Tensor, nn
 from .. import __version__
 from ..data import DatasetSplits, TensorLoader, load_dataset
 from ..models import create_model
+from ..models.registry import build_from_config, check_model_kwargs
 from .checkpoint import (
     CheckpointManager,
+    atomic_output,
     atomic_write_text,
     capture_rng_state,
     load_model_state,
     restore_rng_state,
     save_checkpoint,
 )
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "none")
@@ -45,6 +60,32 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAN_POLICIES = ("stop", "skip")
 # options that say how this process runs, not what the run is: taken from the caller on --resume
 RUNTIME_OPTIONS = ("max_steps", "progress", "threads", "log_every", "eval_batch_size")
+# config.json's marker: a directory is a run of this tool (and --overwrite may replace it) only
+# when its config.json says so. Format 2: the marker and the resolved ``model_config``.
+TOOL = "poincare-resnet"
+RUN_FORMAT_VERSION = 2
+# what a run directory of this tool holds: files at its top, and per subdirectory a pattern
+_RUN_FILES = frozenset(
+    {
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "report.md",
+        "training_curves.png",
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+    }
+)
+_RUN_SUBDIRS = {
+    "checkpoints": re.compile(r"ckpt-\d+\.(safetensors|json)"),
+    "ood": re.compile(r"ood\.(csv|md)|(roc|hist)_\w+\.png"),
+    "attack": re.compile(r"attack\.(csv|md)|accuracy_vs_eps\.png"),
+    "explain": re.compile(r"explanations\.(csv|md|png)"),
+}
+# a temporary file of checkpoint.atomic_stem left by a crash: .<stem>.<16 hex>.tmp<suffix>
+_TMP_FILE = re.compile(r"\.(?P<stem>.+)\.[0-9a-f]{16}\.tmp(?P<suffix>\.\w+)?")
 
 
 class NonFiniteError(RuntimeError):
@@ -98,6 +139,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first impossible option."""
+        self._check_types()
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -121,12 +163,46 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (self.grad_clip >= 0, "--grad-clip must be >= 0"),
+            (self.step_size >= 1, f"--step-size must be >= 1, got {self.step_size}"),
+            (
+                math.isfinite(self.gamma) and self.gamma > 0,
+                f"--gamma must be finite and > 0, got {self.gamma}",
+            ),
+            (0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}"),
+            (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
+            (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+            (self.out is None or str(self.out).strip() != "", "--out must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("weight_decay", "warmup_epochs", "grad_clip"):  # inf passes the checks
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         if self.precision != "fp32" and self.dtype != "float32":
             raise ValueError("--precision bf16/fp16 needs --dtype float32")
+        check_model_kwargs(self.model, self.model_kwargs)
+        resolve_device(self.device)
+
+    def _check_types(self) -> None:
+        """Raise ``ValueError`` for an option of the wrong type (e.g. from an edited
+        ``config.json``): each must match its annotation (``int`` also passes as ``float``)."""
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            names = [t.strip() for t in str(f.type).split("|")]
+            if value is None and "None" in names:
+                continue
+            if names[0].startswith("dict"):
+                ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+            else:
+                allowed = kinds[names[0]]
+                ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            if not ok:
+                raise ValueError(
+                    f"--{f.name.replace('_', '-')} must be of type {f.type}, got {value!r}"
+                )
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -136,7 +212,12 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → the local CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only auto, cpu, cuda and cuda:N are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -235,6 +316,85 @@ def _default_out(cfg: TrainConfig) -> str:
     return str(Path("runs") / f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _is_tool_file(name: str, known) -> bool:
+    """``name`` is a file this tool writes (``known(name)``) or an atomic write's leftover."""
+    if known(name):
+        return True
+    m = _TMP_FILE.fullmatch(name)
+    return bool(m) and known(m["stem"] + (m["suffix"] or ""))
+
+
+def _foreign_entries(run: Path) -> list[str]:
+    """Entries of run directory ``run`` that this tool does not write there (links count)."""
+    foreign = []
+    for entry in sorted(run.iterdir()):
+        if entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.is_dir():
+            pattern = _RUN_SUBDIRS.get(entry.name)
+            if pattern is None:
+                foreign.append(entry.name + "/")
+                continue
+            foreign += [
+                f"{entry.name}/{sub.name}"
+                for sub in sorted(entry.iterdir())
+                if sub.is_symlink()
+                or not sub.is_file()
+                or not _is_tool_file(sub.name, pattern.fullmatch)
+            ]
+        elif not entry.is_file() or not _is_tool_file(entry.name, _RUN_FILES.__contains__):
+            foreign.append(entry.name)
+    return foreign
+
+
+def _not_a_run(run: Path) -> str | None:
+    """Why ``run`` is not a run directory written by this tool (``None`` if it is)."""
+    config = run / "config.json"
+    if config.is_symlink() or not config.is_file():
+        return "it holds no config.json written by poincare-resnet"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its config.json is unreadable ({exc})"
+    if not isinstance(data, dict) or data.get("tool") != TOOL:
+        return (
+            f'its config.json has no "tool": "{TOOL}" marker (not written by this tool, '
+            "or by a version before the marker)"
+        )
+    return None
+
+
+def check_replaceable(run: Path) -> None:
+    """Raise :class:`RunDirError` unless ``--overwrite`` may replace directory ``run``: its
+    ``config.json`` carries this tool's marker and it holds nothing this tool did not write."""
+    why = _not_a_run(run)
+    if why is None:
+        foreign = _foreign_entries(run)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if foreign[5:] else ""
+            )
+            why = f"it holds files poincare-resnet did not write ({shown})"
+    if why is not None:
+        raise RunDirError(
+            f"refusing to --overwrite {run}: {why}; nothing was deleted. Remove it yourself or "
+            "choose another --out"
+        )
+
+
+def remove_run_files(run: Path) -> None:
+    """Delete the files this tool wrote in run directory ``run`` (after :func:`check_replaceable`
+    passes again), then its subdirectories that are left empty; ``run`` itself is kept."""
+    check_replaceable(run)
+    for entry in sorted(run.iterdir()):
+        if entry.is_dir():
+            for sub in sorted(entry.iterdir()):
+                sub.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
+
+
 def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
     """Create (or check) the run directory without touching another run's files."""
     if resume:
@@ -243,17 +403,71 @@ def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
             raise RunDirError(f"--resume {run}: no config.json there; not a poincare-resnet run")
         return run
     run = Path(cfg.out or _default_out(cfg))
+    if run.exists() and not run.is_dir():
+        raise RunDirError(f"output directory {run} exists and is not a directory")
     if run.exists() and any(run.iterdir()):
         if not cfg.overwrite:
             raise RunDirError(
                 f"output directory {run} already holds files (another run?); pass --resume {run} "
                 f"to continue it, --overwrite to replace it, or choose another --out"
             )
+        check_replaceable(run)
+    check_output_dir(run)
     return run
 
 
+def check_output_dir(path: str | os.PathLike[str], what: str = "output directory") -> None:
+    """Raise :class:`RunDirError` unless directory ``path`` exists or can be created: no
+    component is a file and the nearest existing directory is writable. Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise RunDirError(f"{what} {path} exists and is not a directory")
+        existing = path
+    else:
+        existing = next((p for p in path.parents if p.exists()), Path("."))
+        if not existing.is_dir():
+            raise RunDirError(f"cannot create {what} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write {what} {path}: {existing} is not writable")
+
+
+def _start_run_dir(run: Path, cfg: TrainConfig, model: nn.Module) -> None:
+    """Rank 0, new run: replace the old run (``--overwrite``), create ``run``, write
+    ``config.json`` (the options, this tool's marker and the resolved model config)."""
+    if cfg.overwrite and run.is_dir():
+        remove_run_files(run)
+    run.mkdir(parents=True, exist_ok=True)
+    config = {
+        "tool": TOOL,
+        "format_version": RUN_FORMAT_VERSION,
+        **dataclasses.asdict(cfg),
+        "model_name": model.model_name,
+        "model_config": model.model_config,
+    }
+    atomic_write_text(run / "config.json", json.dumps(config, indent=2))
+
+
+def _build_model(cfg: TrainConfig, data: DatasetSplits, run: Path | None) -> nn.Module:
+    """The run's network: on resume (``run`` given) exactly the one its ``config.json``
+    describes, if it holds a resolved ``model_config``; else from the registry."""
+    if run is not None:
+        stored = json.loads((run / "config.json").read_text())
+        if isinstance(stored.get("model_config"), dict) and stored.get("model_name"):
+            return build_from_config(stored["model_name"], stored["model_config"])
+    return create_model(
+        cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_kwargs
+    )
+
+
 def load_run_config(run: Path) -> TrainConfig:
-    data = json.loads((run / "config.json").read_text())
+    """The options stored in ``run/config.json``; :class:`RunDirError` if it is unreadable."""
+    try:
+        data = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{run / 'config.json'} is unreadable ({exc})") from exc
+    if not isinstance(data, dict):
+        raise RunDirError(f"{run / 'config.json'} does not hold a JSON object")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in data.items() if k in known})
 
@@ -293,6 +507,8 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> dict[str, A
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     try:
+        # one directory per run: rank 0's name (a default --out holds a timestamp) for all
+        run = Path(broadcast_object(str(run), info))
         return _train(cfg, run, resume is not None, device, info, log)
     finally:
         cleanup_distributed()
@@ -326,9 +542,7 @@ def _train(
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.limit_train)
     _check_finite_inputs(data)
     seed_everything(cfg.seed)
-    model = create_model(
-        cfg.model, num_classes=data.num_classes, in_chans=data.in_chans, **cfg.model_kwargs
-    ).to(device=device, dtype=dtype)
+    model = _build_model(cfg, data, run if resuming else None).to(device=device, dtype=dtype)
     _prepare_native_kernels(device, log if main else (lambda _m: None))
     if cfg.sync_bn and info.enabled:
         from ..nn.sync_batchnorm import convert_sync_batchnorm
@@ -350,6 +564,9 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg, steps_per_epoch)
     )
+    if main and not resuming:
+        _start_run_dir(run, cfg, model)
+    barrier(info)  # the other ranks use the directory rank 0 created
     manager = CheckpointManager(run / "checkpoints", keep=cfg.keep_checkpoints)
 
     state = {
@@ -377,12 +594,6 @@ def _train(
                 )
         elif main:
             log(f"no usable checkpoint in {run / 'checkpoints'}; starting from scratch")
-    elif main:
-        if run.exists() and cfg.overwrite:
-            shutil.rmtree(run)
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run / "config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-    barrier(info)
 
     train_model: nn.Module = model
     if info.enabled:
@@ -396,6 +607,7 @@ def _train(
     model_meta = {
         "model_name": model.model_name,
         "model_kwargs": model.model_kwargs,
+        "model_config": model.model_config,
         "dataset": data.name,
         "num_classes": data.num_classes,
         "in_chans": data.in_chans,
@@ -662,7 +874,8 @@ def _finish(
         **(extra or {}),
     }
     atomic_write_text(run / "summary.json", json.dumps(summary, indent=2))
-    plot_training_curves(hist, run / "training_curves.png")
+    with atomic_output(run / "training_curves.png") as tmp:
+        plot_training_curves(hist, tmp)
     report = [
         f"# {cfg.model} on {cfg.dataset}",
         "",
