@@ -41,6 +41,8 @@ from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed,
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# fp16: a gradient overflow at a loss scale <= this is a NaN event, not the scaler's business
+MIN_LOSS_SCALE = 1.0
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAN_POLICIES = ("stop", "skip")
 # options that say how this process runs, not what the run is: taken from the caller on --resume
@@ -156,16 +158,15 @@ def versions() -> dict[str, str]:
     }
 
 
-def skips_on_device(cfg: TrainConfig) -> bool:
-    """Whether a step's update may have to be skipped (fp16 gradient overflow, ``--nan-policy
-    skip``): then the optimizer is PyTorch's fused one, which takes the skip decision as a device
-    tensor (``found_inf``) instead of a Python ``bool``, so deciding costs no host sync."""
-    return cfg.precision == "fp16" or cfg.nan_policy == "skip"
-
-
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, PyTorch's fused implementation where the device has one.
+
+    A fused optimizer updates every parameter in one kernel and takes the decision to skip a
+    step (fp16 gradient overflow, a NaN event) as a device tensor (``found_inf``), so that
+    deciding costs no host sync; its step counter lives on the device too.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = True if skips_on_device(cfg) else None
+    fused = True if _fused_available(params) else None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -332,12 +333,26 @@ def _grad_norm(st: StepState) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def _fused_available(params: list[nn.Parameter]) -> bool:
+    """Whether PyTorch has fused optimizer kernels for these parameters' device and dtype."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return bool(params) and all(
+        p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
+        for p in params
+    )
+
+
 def _optimizer_step(st: StepState, skip: Tensor) -> None:
     """Update unless ``skip`` (a device flag): the fused optimizers read it as ``found_inf``."""
-    if not skips_on_device(st.cfg):
-        st.optimizer.step()  # fp32/bf16 under --nan-policy stop: a NaN step ends the run anyway
-        return
     opt: Any = st.optimizer
+    if not opt.defaults.get("fused"):
+        # no fused kernels for this device: deciding needs the flag on the host (one sync)
+        if st.scaler.is_enabled() or st.cfg.nan_policy == "skip":
+            if bool(skip):
+                return
+        opt.step()
+        return
     opt.grad_scale, opt.found_inf = None, skip.to(torch.float32)  # grads are already unscaled
     try:
         opt.step()
@@ -350,9 +365,12 @@ def train_step(st: StepState, xb: Tensor, yb: Tensor) -> Tensor:
 
     A NaN event is a non-finite loss, or (without a grad scaler) a non-finite gradient norm;
     under fp16 a gradient overflow with a finite loss is the scaler's business: the update is
-    skipped and the scale halved, and it counts in ``scaler_skips``, not as a NaN event. Under
-    ``--nan-policy skip`` a NaN event skips the update (on the device) and restores the batch
-    norm running statistics; the sums leave the step out. The flag is a 0-dim device tensor.
+    skipped and the scale halved, and it counts in ``scaler_skips``, not as a NaN event, unless
+    the scale was already <= ``MIN_LOSS_SCALE`` (1): then the gradients are non-finite even
+    unscaled, and it is a NaN event. The
+    update of a step with a non-finite loss or gradient is skipped on the device (the fused
+    optimizer's ``found_inf``); under ``--nan-policy skip`` a NaN event also restores the batch
+    norm running statistics. The sums leave NaN events out. The flag is a 0-dim device tensor.
     """
     cfg = st.cfg
     skip_policy = cfg.nan_policy == "skip"
@@ -366,11 +384,14 @@ def train_step(st: StepState, xb: Tensor, yb: Tensor) -> Tensor:
     st.scaler.unscale_(st.optimizer)  # clipping and the norm see the true gradients
     grad_bad = ~torch.isfinite(_grad_norm(st))  # DDP has averaged the gradients: same on all
     loss_bad = ~torch.isfinite(loss.detach())
-    if st.info.enabled and skips_on_device(cfg):  # every rank must take the same decision
+    if st.info.enabled:  # every rank must take the same skip decision
         loss_bad = all_reduce_sum(loss_bad.to(torch.int32), st.info) > 0
     if st.scaler.is_enabled():
-        event = loss_bad
-        st.scaler_skips += grad_bad & ~loss_bad
+        # at a scale s <= 1 an overflow means |true gradient| >= 65504 / s, or a NaN: no longer
+        # the scaler's business (a NaN gradient at s = 2^16 becomes an event after 16 halvings)
+        hopeless = grad_bad & (st.scaler._get_scale_async() <= MIN_LOSS_SCALE)
+        event = loss_bad | hopeless
+        st.scaler_skips += grad_bad & ~event
     else:
         event = loss_bad | grad_bad
     _optimizer_step(st, loss_bad | grad_bad)
