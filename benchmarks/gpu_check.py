@@ -317,9 +317,10 @@ def _capture_kernel_args(device: torch.device, s: Sizes) -> dict[str, tuple]:
 
     def spy(key, fn):
         def wrapped(*args):
-            captured.setdefault(
-                key, tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            )
+            # the batch norm entry point also takes all_reduce (synchronised BN); Triton does not
+            kernel_args = args[:9] if key == "batchnorm" else args
+            detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in kernel_args)
+            captured.setdefault(key, detached)
             return fn(*args)
 
         return wrapped

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,44 @@ def test_gpu_check_without_cuda_says_so(tmp_path):
     assert proc.returncode == 2
     assert "CUDA is not available on this machine" in proc.stderr and "--device cpu" in proc.stderr
     assert not out.exists()
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_triton(residual_error: float) -> types.ModuleType:
+    """A stand-in for poincare_resnet.nn._triton: the PyTorch path, residual perturbed."""
+    from poincare_resnet import ball
+    from poincare_resnet.nn import _kernels
+
+    fake = types.ModuleType("poincare_resnet.nn._triton")
+    fake.available = lambda: True
+    fake.applicable = lambda *tensors: True
+    fake.fc_tangent = lambda dots, sq, znorm, bias, c, dim: ball.fc_tangent(
+        dots, sq, znorm, bias, c=c, dim=dim
+    )
+    fake.batchnorm = lambda *args: _kernels.batchnorm_forward(*args, None)
+    fake.residual = lambda *args: _kernels.residual_forward(*args) * (1 + residual_error)
+    return fake
+
+
+@pytest.mark.parametrize("error", [0.0, 1e-3])
+def test_gpu_check_compares_triton_kernels_with_the_pytorch_path(error, monkeypatch):
+    gpu_check = _load_gpu_check()
+    monkeypatch.setitem(sys.modules, "poincare_resnet.nn._triton", _fake_triton(error))
+    rows = {r["name"]: r for r in gpu_check.check_triton(torch.device("cpu"), gpu_check.SMOKE)}
+    assert set(rows) == {"fc_tangent", "batchnorm", "residual"}
+    for name in ("fc_tangent", "batchnorm"):
+        assert rows[name]["ok"] and rows[name]["value_rel_err"] == 0.0, rows[name]
+        assert rows[name]["grad_rel_err"] == 0.0
+    residual = rows["residual"]
+    assert residual["value_rel_err"] == pytest.approx(error, rel=1e-3, abs=1e-12)
+    assert residual["ok"] == (error == 0.0)
 
 
 @needs_cuda
