@@ -367,10 +367,10 @@ def train_step(st: StepState, xb: Tensor, yb: Tensor) -> Tensor:
     under fp16 a gradient overflow with a finite loss is the scaler's business: the update is
     skipped and the scale halved, and it counts in ``scaler_skips``, not as a NaN event, unless
     the scale was already <= ``MIN_LOSS_SCALE`` (1): then the gradients are non-finite even
-    unscaled, and it is a NaN event. The
-    update of a step with a non-finite loss or gradient is skipped on the device (the fused
-    optimizer's ``found_inf``); under ``--nan-policy skip`` a NaN event also restores the batch
-    norm running statistics. The sums leave NaN events out. The flag is a 0-dim device tensor.
+    unscaled, and it is a NaN event. The update of a step with a non-finite loss or gradient is
+    skipped on the device (the fused optimizer's ``found_inf``); under ``--nan-policy skip`` a
+    NaN event also restores the batch norm running statistics. The sums leave NaN events out.
+    The flag is a 0-dim device tensor.
     """
     cfg = st.cfg
     skip_policy = cfg.nan_policy == "skip"
