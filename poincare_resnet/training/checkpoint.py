@@ -6,12 +6,13 @@ the new file, never a half-written one. Files hold only tensors and JSON: no Pyt
 are ever deserialised, so loading an untrusted checkpoint cannot run code.
 
 Layout of a checkpoint file: tensors are stored under ``model/``, ``optimizer/``,
-``scheduler/``, ``rng/`` and ``extra/`` prefixes; the safetensors header metadata holds
+``scheduler/``, ``rng/``, ``scaler/`` and ``extra/`` prefixes; the safetensors header metadata holds
 ``{"poincare_resnet": json.dumps(record)}`` where ``record`` is the user metadata plus
 ``format_version``, ``sha256`` (over the tensor payload) and ``_layout`` (the JSON
-structures of the optimizer, scheduler and RNG states with tensor placeholders); from format 2
-on also ``"poincare_resnet_sha256"``, the SHA-256 of that metadata string, so that an altered
-byte anywhere in the file (payload or metadata) is detected.
+structures of the optimizer, scheduler, RNG and ``torch.amp.GradScaler`` states with tensor
+placeholders; the scaler's state is plain numbers: its scale and growth tracker, exact in JSON);
+from format 2 on also ``"poincare_resnet_sha256"``, the SHA-256 of that metadata string, so
+that an altered byte anywhere in the file (payload or metadata) is detected.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
 _ITEMS = "__dict_items__"
 _MARKERS = frozenset({_TENSOR, _TUPLE, _ITEMS})
-_PARTS = ("model", "optimizer", "scheduler", "rng", "extra")
+_PARTS = ("model", "optimizer", "scheduler", "rng", "scaler", "extra")
+_STATE_PARTS = ("optimizer", "scheduler", "rng", "scaler")
 _MAX_LISTED = 5
 
 PathLike = str | os.PathLike[str]
@@ -298,6 +300,7 @@ class Checkpoint:
     rng_state: dict[str, Any] | None = None
     extra_tensors: dict[str, Tensor] = field(default_factory=dict)
     path: Path | None = None
+    scaler_state: dict[str, Any] | None = None
 
 
 def _payload_sha256(tensors: Mapping[str, Tensor]) -> str:
@@ -339,8 +342,13 @@ def save_checkpoint(
     scheduler_state: Mapping[str, Any] | None = None,
     rng_state: Mapping[str, Any] | None = None,
     extra_tensors: Mapping[str, Tensor] | None = None,
+    scaler_state: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Atomically write a checkpoint (and its JSON sidecar); return the checkpoint path."""
+    """Atomically write a checkpoint (and its JSON sidecar); return the checkpoint path.
+
+    ``scaler_state`` is a ``torch.amp.GradScaler.state_dict()`` (fp16 training): the scale
+    (a float32 value, exact as a JSON number) and the growth tracker, restored bit for bit.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
@@ -353,6 +361,7 @@ def save_checkpoint(
         ("optimizer", optimizer_state),
         ("scheduler", scheduler_state),
         ("rng", rng_state),
+        ("scaler", scaler_state),
     ):
         if state is None:
             layout[part] = None
@@ -459,7 +468,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
             raise _corrupt(path, f"unexpected tensor {name!r}")
         parts[part][key] = tensor
     states: dict[str, Any] = {}
-    for part in ("optimizer", "scheduler", "rng"):
+    for part in _STATE_PARTS:
         structure = layout.get(part)
         try:
             states[part] = None if structure is None else unflatten_state(structure, moved)
@@ -473,6 +482,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
         rng_state=states["rng"],
         extra_tensors=parts["extra"],
         path=path,
+        scaler_state=states["scaler"],
     )
 
 

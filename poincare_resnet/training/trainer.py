@@ -56,6 +56,8 @@ from .distributed import (
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("cosine", "step", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# fp16: a gradient overflow at a loss scale <= this is a NaN event, not the scaler's business
+MIN_LOSS_SCALE = 1.0
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAN_POLICIES = ("stop", "skip")
 # options that say how this process runs, not what the run is: taken from the caller on --resume
@@ -238,7 +240,14 @@ def versions() -> dict[str, str]:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, PyTorch's fused implementation where the device has one.
+
+    A fused optimizer updates every parameter in one kernel and takes the decision to skip a
+    step (fp16 gradient overflow, a NaN event) as a device tensor (``found_inf``), so that
+    deciding costs no host sync; its step counter lives on the device too.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = True if _fused_available(params) else None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -246,10 +255,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             nesterov=cfg.momentum > 0,
+            fused=fused,
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
@@ -476,6 +486,182 @@ def _sums_to_float(t: Tensor) -> list[float]:
     return [float(v) for v in t.detach().double().cpu()]
 
 
+# ------------------------------------------------------------------------------ one step
+
+
+def make_grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """A ``torch.amp.GradScaler`` for ``--precision fp16`` (CUDA or CPU), disabled otherwise.
+
+    The loss is multiplied by the scale :math:`s` before the backward pass, so float16 gradients
+    of small magnitude do not flush to zero; gradients are divided by :math:`s` again
+    (``unscale_``) before clipping and the update. A step whose gradients overflow is skipped and
+    :math:`s \\leftarrow s/2`; after 2000 steps in a row without overflow :math:`s \\leftarrow 2s`.
+    bf16 has float32's exponent range and needs no scaler.
+    """
+    return torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+
+@dataclass
+class StepState:
+    """What :func:`train_step` reads and updates; every tensor lives on the training device.
+
+    ``bad`` says whether any step since the last check was a NaN event (read only every
+    ``--log-every`` steps, before checkpoints and at epoch ends); ``sums`` accumulates
+    ``[Σ loss·n, Σ correct, Σ n]`` over the steps that were not NaN events; ``scaler_skips``
+    counts the fp16 steps the scaler skipped for overflowing gradients.
+    """
+
+    cfg: TrainConfig
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list[nn.Parameter]
+    info: DistInfo
+    bad: Tensor
+    sums: Tensor
+    scaler_skips: Tensor
+
+    @classmethod
+    def create(cls, cfg, model, train_model, optimizer, scaler, device, info) -> StepState:
+        """Fresh flags and sums on ``device`` (the sums are set per epoch by the loop)."""
+        return cls(
+            cfg=cfg,
+            model=model,
+            train_model=train_model,
+            optimizer=optimizer,
+            scaler=scaler,
+            params=[p for p in model.parameters() if p.requires_grad],
+            info=info,
+            bad=torch.zeros((), dtype=torch.bool, device=device),
+            sums=torch.zeros(3, dtype=torch.float64, device=device),
+            scaler_skips=torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+
+def _grad_norm(st: StepState) -> Tensor:
+    """Global gradient 2-norm :math:`\\lVert g \\rVert_2` (clipped to ``--grad-clip`` if set)."""
+    if st.cfg.grad_clip > 0:
+        return nn.utils.clip_grad_norm_(st.params, st.cfg.grad_clip)
+    grads = [p.grad for p in st.params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _fused_available(params: list[nn.Parameter]) -> bool:
+    """Whether PyTorch has fused optimizer kernels for these parameters' device and dtype."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return bool(params) and all(
+        p.device.type in _get_fused_kernels_supported_devices() and p.is_floating_point()
+        for p in params
+    )
+
+
+def _optimizer_step(st: StepState, skip: Tensor) -> None:
+    """Update unless ``skip`` (a device flag): the fused optimizers read it as ``found_inf``."""
+    opt: Any = st.optimizer
+    if not opt.defaults.get("fused"):
+        # no fused kernels for this device: deciding needs the flag on the host (one sync)
+        if st.scaler.is_enabled() or st.cfg.nan_policy == "skip":
+            if bool(skip):
+                return
+        opt.step()
+        return
+    opt.grad_scale, opt.found_inf = None, skip.to(torch.float32)  # grads are already unscaled
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale, opt.found_inf
+
+
+def train_step(st: StepState, xb: Tensor, yb: Tensor) -> Tensor:
+    """One optimisation step without a host↔device synchronisation; returns the NaN-event flag.
+
+    A NaN event is a non-finite loss, or (without a grad scaler) a non-finite gradient norm;
+    under fp16 a gradient overflow with a finite loss is the scaler's business: the update is
+    skipped and the scale halved, and it counts in ``scaler_skips``, not as a NaN event, unless
+    the scale was already <= ``MIN_LOSS_SCALE`` (1): then the gradients are non-finite even
+    unscaled, and it is a NaN event. The update of a step with a non-finite loss or gradient is
+    skipped on the device (the fused optimizer's ``found_inf``); under ``--nan-policy skip`` a
+    NaN event also restores the batch norm running statistics. The sums leave NaN events out.
+    The flag is a 0-dim device tensor.
+    """
+    cfg = st.cfg
+    skip_policy = cfg.nan_policy == "skip"
+    if skip_policy:  # a skipped step must not touch the BN statistics
+        saved = [b.clone() for b in st.model.buffers()]
+    with autocast_context(cfg.precision, xb.device):
+        logits = st.train_model(xb).float()
+    loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+    st.optimizer.zero_grad(set_to_none=True)
+    st.scaler.scale(loss).backward()
+    st.scaler.unscale_(st.optimizer)  # clipping and the norm see the true gradients
+    grad_bad = ~torch.isfinite(_grad_norm(st))  # DDP has averaged the gradients: same on all
+    loss_bad = ~torch.isfinite(loss.detach())
+    if st.info.enabled:  # every rank must take the same skip decision
+        loss_bad = all_reduce_sum(loss_bad.to(torch.int32), st.info) > 0
+    if st.scaler.is_enabled():
+        # at a scale s <= 1 an overflow means |true gradient| >= 65504 / s, or a NaN: no longer
+        # the scaler's business (a NaN gradient at s = 2^16 becomes an event after 16 halvings)
+        hopeless = grad_bad & (st.scaler._get_scale_async() <= MIN_LOSS_SCALE)
+        event = loss_bad | hopeless
+        st.scaler_skips += grad_bad & ~event
+    else:
+        event = loss_bad | grad_bad
+    _optimizer_step(st, loss_bad | grad_bad)
+    st.scaler.update()
+    if skip_policy:
+        with torch.no_grad():
+            for b, old in zip(st.model.buffers(), saved, strict=True):
+                b.copy_(torch.where(event, old, b))
+    else:
+        st.bad |= event
+    n = yb.shape[0]
+    count = st.sums.new_full((), n)  # a fill kernel, not a host-to-device copy
+    counts = torch.stack(
+        [loss.detach().double() * n, (logits.argmax(1) == yb).sum().double(), count]
+    )
+    st.sums += counts.masked_fill(event, 0.0)
+    return event
+
+
+class LateFlags:
+    """Per-step device flags read on the host ``lag`` steps after their step was queued.
+
+    On CUDA each flag is copied into pinned host memory with ``non_blocking=True`` and an event
+    is recorded; reading it waits for that event only, ``lag`` steps later, while the newer steps
+    keep the GPU busy (no pipeline drain). On the CPU there is no device to wait for: lag 0.
+    """
+
+    def __init__(self, device: torch.device, lag: int | None = None) -> None:
+        self.cuda = device.type == "cuda"
+        self.lag = (1 if self.cuda else 0) if lag is None else lag
+        self._pending: list[tuple[int, Tensor, Any]] = []
+
+    def push(self, step: int, flag: Tensor) -> None:
+        """Queue the flag of ``step`` (a 0-dim bool tensor on the device)."""
+        event = None
+        if self.cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        self._pending.append((step, flag, event))
+
+    def pop_set(self, flush: bool = False) -> list[int]:
+        """Steps whose flag was set, among those at least ``lag`` steps old (all if ``flush``)."""
+        cut = len(self._pending) - (0 if flush else self.lag)
+        ready, self._pending = self._pending[: max(cut, 0)], self._pending[max(cut, 0) :]
+        out = []
+        for step, flag, event in ready:
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                out.append(step)
+        return out
+
+
 # ------------------------------------------------------------------------------ train
 
 
@@ -568,6 +754,7 @@ def _train(
         _start_run_dir(run, cfg, model)
     barrier(info)  # the other ranks use the directory rank 0 created
     manager = CheckpointManager(run / "checkpoints", keep=cfg.keep_checkpoints)
+    scaler = make_grad_scaler(cfg, device)
 
     state = {
         "epoch": 0,
@@ -577,6 +764,7 @@ def _train(
         "history": [],
         "partial": [0.0, 0.0, 0.0],
         "lr_scale": 1.0,
+        "scaler_skips": 0,
     }
     if resuming:
         ck = manager.latest_valid(log=log)
@@ -584,6 +772,8 @@ def _train(
             load_model_state(model, ck.model_state, source=str(ck.path))
             optimizer.load_state_dict(ck.optimizer_state)
             scheduler.load_state_dict(ck.scheduler_state)
+            if scaler.is_enabled() and ck.scaler_state:  # the scale and its growth tracker
+                scaler.load_state_dict(ck.scaler_state)
             restore_rng_state(ck.rng_state)
             state.update(ck.meta["train_state"])
             loader.load_state_dict(ck.meta["loader"])
@@ -624,6 +814,7 @@ def _train(
                 model_state=model.state_dict(),
                 optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(),
+                scaler_state=scaler.state_dict() if scaler.is_enabled() else None,
                 rng_state=capture_rng_state(),
                 meta={
                     **model_meta,
@@ -634,10 +825,30 @@ def _train(
             )
         barrier(info)
 
-    bad = torch.zeros((), dtype=torch.bool, device=device)
+    st = StepState.create(cfg, model, train_model, optimizer, scaler, device, info)
+    skipped = LateFlags(device)  # --nan-policy skip: which steps were skipped, read lazily
+
+    def note_skipped(flush: bool = False) -> None:
+        """Log the skipped steps whose flags have arrived; halve the lr scale for each."""
+        for step in skipped.pop_set(flush):
+            state["lr_scale"] *= 0.5
+            if main:
+                log(
+                    f"skipped step {step} (non-finite loss/gradient); learning rate scaled by "
+                    f"{state['lr_scale']:.3g} to "
+                    f"{optimizer.param_groups[0]['lr'] * state['lr_scale']:.3g}"
+                )
+
+    def sync_state() -> None:
+        """Host copies of the device-side counters (at logging, checkpoints, epoch ends)."""
+        note_skipped(flush=True)
+        state["partial"] = _sums_to_float(st.sums)
+        if scaler.is_enabled():
+            state["scaler_skips"] += int(st.scaler_skips)
+            st.scaler_skips.zero_()
 
     def check_finite(where: str) -> None:
-        if bool(all_reduce_sum(bad.to(torch.int32), info) > 0):
+        if bool(all_reduce_sum(st.bad.to(torch.int32), info) > 0):
             last = manager.paths()[-1] if manager.paths() else None
             kept = f"; the last good checkpoint {last} is untouched" if last else ""
             raise NonFiniteError(
@@ -646,73 +857,33 @@ def _train(
                 "Try a lower --lr, --grad-clip, or --nan-policy skip"
             )
 
-    params = [p for p in model.parameters() if p.requires_grad]
     t_start = time.perf_counter()
     stop = bool(cfg.max_steps and state["step"] >= cfg.max_steps)
     while state["epoch"] < cfg.epochs and not stop:
         epoch = state["epoch"]
         loader.set_epoch(epoch)
         model.train()
-        sums = torch.tensor(state["partial"], dtype=torch.float64, device=device)
+        st.sums = torch.tensor(state["partial"], dtype=torch.float64, device=device)
         t_epoch, seen = time.perf_counter(), 0
         bar = _progress(cfg, main, steps_per_epoch, epoch, loader.start_batch)
         for xb, yb in loader:
             xb = xb.to(device=device, dtype=dtype, non_blocking=True)
             yb = yb.to(device, non_blocking=True)
-            if cfg.nan_policy == "skip":  # a skipped step must not touch the BN statistics
-                buffers = [b.clone() for b in model.buffers()]
-            with autocast_context(cfg.precision, device):
-                logits = train_model(xb).float()
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                gnorm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                gnorm = torch.linalg.vector_norm(
-                    torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None]))
-                )
-            step_bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
-            if cfg.nan_policy == "skip":
-                if bool(all_reduce_sum(step_bad.to(torch.int32), info) > 0):  # one sync per step
-                    with torch.no_grad():
-                        for b, saved in zip(model.buffers(), buffers, strict=True):
-                            b.copy_(saved)
-                    state["lr_scale"] *= 0.5
-                    scheduler.step()
-                    for g in optimizer.param_groups:
-                        g["lr"] *= state["lr_scale"]
-                    if main:
-                        log(
-                            f"skipped step {state['step']} (non-finite loss/gradient); "
-                            f"learning rate scaled by {state['lr_scale']:.3g} to "
-                            f"{optimizer.param_groups[0]['lr']:.3g}"
-                        )
-                    state["step"] += 1
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-            else:
-                bad |= step_bad
-            optimizer.step()
-            scheduler.step()
+            note_skipped()
             if state["lr_scale"] != 1.0:
                 for g in optimizer.param_groups:
                     g["lr"] *= state["lr_scale"]
+            event = train_step(st, xb, yb)
+            if cfg.nan_policy == "skip":
+                skipped.push(state["step"], event)
+            scheduler.step()  # the next step's lr, before the skip scale
             state["step"] += 1
-            n = yb.shape[0]
-            seen += n
-            sums += torch.stack(
-                [
-                    loss.detach().double() * n,
-                    (logits.argmax(1) == yb).sum().double(),
-                    torch.tensor(float(n), dtype=torch.float64, device=device),
-                ]
-            )
+            seen += yb.shape[0]
             if state["step"] % cfg.log_every == 0:
                 check_finite(f"step {state['step']}")
+                sync_state()
                 if bar is not None:
-                    s = _sums_to_float(sums)
+                    s = state["partial"]
                     bar.set_postfix(
                         loss=f"{s[0] / max(s[2], 1):.4f}",
                         acc=f"{s[1] / max(s[2], 1):.3f}",
@@ -722,7 +893,7 @@ def _train(
                 bar.update(1)
             if cfg.ckpt_every_steps and state["step"] % cfg.ckpt_every_steps == 0:
                 check_finite(f"step {state['step']}")
-                state["partial"] = _sums_to_float(sums)
+                sync_state()
                 save_resume_checkpoint()
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 stop = True
@@ -730,19 +901,19 @@ def _train(
         if bar is not None:
             bar.close()
         check_finite(f"the end of epoch {epoch + 1}")
+        sync_state()
         if stop and loader.position < steps_per_epoch:
-            state["partial"] = _sums_to_float(sums)
             save_resume_checkpoint()
             break
         epoch_time = time.perf_counter() - t_epoch
-        s = _sums_to_float(all_reduce_sum(sums, info))
+        s = _sums_to_float(all_reduce_sum(st.sums, info))
         val = evaluate_split(
             model, data.val_x, data.val_y, cfg.eval_batch_size, device, cfg.precision
         )
         row = {
             "epoch": epoch + 1,
             "step": state["step"],
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[0]["lr"] * state["lr_scale"],
             "train_loss": s[0] / max(s[2], 1),
             "train_top1": s[1] / max(s[2], 1),
             "val_loss": val["loss"],
@@ -751,6 +922,10 @@ def _train(
             "epoch_time_s": epoch_time,
             "images_per_s": seen * info.world_size / epoch_time,
         }
+        if scaler.is_enabled():  # fp16: the loss scale and the overflow steps it skipped
+            row["grad_scale"] = scaler.get_scale()
+            row["scaler_skipped_steps"] = state["scaler_skips"]
+            state["scaler_skips"] = 0
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["partial"] = [0.0, 0.0, 0.0]
