@@ -31,13 +31,20 @@ def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_train(sub) -> None:
-    from .training.trainer import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from .training.trainer import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train a model (default: Poincaré ResNet-20 on digits)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="TOML, YAML or JSON file of options (a run's config.json repeats it); flags given "
+        "on the command line override it",
     )
     p.add_argument("--model", default=d.model, help="registered name (see `models`)")
     p.add_argument(
@@ -87,6 +94,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument(
+        "--log",
+        choices=LOGGERS,
+        default=d.log,
+        help="also log to TensorBoard (<out>/tensorboard); metrics.jsonl is always written",
+    )
     p.add_argument("--nan-policy", choices=("stop", "skip"), default=d.nan_policy)
     p.add_argument("--sync-bn", action="store_true", help="synchronise batch norm across ranks")
     p.add_argument("--deterministic", action="store_true")
@@ -109,6 +122,11 @@ def _cmd_train(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["progress"] = not args.no_progress
     values["model_kwargs"] = _kv_pairs(args.model_kwargs)
+    if args.config:
+        from .training.config_file import explicit_train_fields, load_config_file, merge_config
+
+        given = explicit_train_fields(getattr(args, "argv", None) or sys.argv[1:])
+        values = merge_config(load_config_file(args.config), values, given)
     cfg = TrainConfig(**values)
     summary = train(cfg, resume=args.resume)
     if summary:
@@ -411,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for train --config
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
