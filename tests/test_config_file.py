@@ -109,7 +109,7 @@ def test_toml_yaml_and_json_give_the_same_config(tmp_path):
 @pytest.mark.parametrize(
     ("text", "key"),
     [
-        ('epoch = 5\n', "epoch"),  # unknown key (typo of epochs)
+        ("epoch = 5\n", "epoch"),  # unknown key (typo of epochs)
         ('epochs = "5"\n', "epochs"),  # str for int
         ("epochs = 2.5\n", "epochs"),  # float for int
         ("lr = true\n", "lr"),  # bool for float

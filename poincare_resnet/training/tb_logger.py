@@ -106,7 +106,7 @@ class TensorBoardLogger:
         curv = _learnable_curvatures(model)
         for name, module in curv.items():
             tag = "curvature" if len(curv) == 1 else f"curvature/{name}"
-            self.writer.add_scalar(tag, float(module()), step)
+            self.writer.add_scalar(tag, float(torch.as_tensor(module()).detach()), step)
         for stage, norms in stage_tangent_norms(model, self.probe_x).items():
             self.writer.add_histogram(f"tangent_norm/{stage}", norms.numpy(), step)
         self.writer.flush()
