@@ -400,6 +400,47 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="pooled test features on the Poincaré disk, by class (PNG + CSV); runs side by side",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", help="run directories or checkpoints (RUN [RUN_B])")
+    p.add_argument("--ood-set", default=None, help="builtin OOD set or image directory to overlay")
+    p.add_argument("--center", choices=("frechet", "origin"), default="frechet",
+                   help="tangent PCA at the Fréchet mean or at the origin")  # fmt: skip
+    p.add_argument("--limit", type=int, default=2000, help="embed N random test images (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output directory (default: <first run>/embed)")
+
+
+def _cmd_embed(args) -> int:
+    from pathlib import Path
+
+    from .evaluation.embed import run_embed
+
+    ck = Path(args.checkpoints[0])
+    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "embed"
+    results = run_embed(
+        args.checkpoints,
+        out,
+        ood_set=args.ood_set,
+        limit=args.limit or None,
+        seed=args.seed,
+        center=args.center,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
+    for r in results:
+        means = ", ".join(f"{k} {v:.3f}" for k, v in r["mean_dist_to_origin"].items())
+        print(f"{r['run']}: mean distance to the origin per class: {means}")
+    print(f"written to {out / 'embedding.png'} and {out / 'embedding.csv'}")
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "evaluate": (_add_evaluate, _cmd_evaluate),
@@ -408,6 +449,7 @@ COMMANDS = {
     "attack": (_add_attack, _cmd_attack),
     "explain": (_add_explain, _cmd_explain),
     "experiment": (_add_experiment, _cmd_experiment),
+    "embed": (_add_embed, _cmd_embed),
 }
 
 
