@@ -233,7 +233,8 @@ def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
         ax.set_axis_off()
         kind = f"c = {r['c']:.3g}" if r["hyperbolic"] else "Euclidean features, expmap0 at c = 1"
         ev = sum(r["explained_variance"]) * 100
-        ax.set_title(f"{r['model']}\n{kind}; tangent PCA at the {r['center']} mean ({ev:.0f} %)",
+        where = "Fréchet mean" if r["center"] == "frechet" else "origin"
+        ax.set_title(f"{r['model']}\n{kind}; tangent PCA at the {where} ({ev:.0f} %)",
                      fontsize=9)  # fmt: skip
         ax.legend(fontsize=6, markerscale=2, loc="lower left", bbox_to_anchor=(0.9, 0.0))
         groups = [rows["dist_to_origin"][torch.as_tensor(test) & (rows["label"] == k)].numpy()
