@@ -1,5 +1,5 @@
 """Command-line interface: ``poincare-resnet {train, evaluate, models, ood, attack, explain,
-experiment}``. Each subcommand is a thin layer over the Python API."""
+experiment, embed}``. Each subcommand is a thin layer over the Python API."""
 
 from __future__ import annotations
 
