@@ -1,5 +1,5 @@
 """Command-line interface: ``poincare-resnet {train, evaluate, models, ood, attack, explain,
-experiment}``. Each subcommand is a thin layer over the Python API."""
+experiment, embed}``. Each subcommand is a thin layer over the Python API."""
 
 from __future__ import annotations
 
@@ -74,13 +74,20 @@ def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_train(sub) -> None:
-    from .training.trainer import OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from .training.trainer import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
         "train",
         help="train a model (default: Poincaré ResNet-20 on digits)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="TOML, YAML or JSON file of options (a run's config.json repeats it); flags given "
+        "on the command line override it",
     )
     p.add_argument("--model", default=d.model, help="registered name (see `models`)")
     p.add_argument(
@@ -130,6 +137,12 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument(
+        "--log",
+        choices=LOGGERS,
+        default=d.log,
+        help="also log to TensorBoard (<out>/tensorboard); metrics.jsonl is always written",
+    )
     p.add_argument("--nan-policy", choices=("stop", "skip"), default=d.nan_policy)
     p.add_argument("--sync-bn", action="store_true", help="synchronise batch norm across ranks")
     p.add_argument("--deterministic", action="store_true")
@@ -152,6 +165,11 @@ def _cmd_train(args) -> int:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["progress"] = not args.no_progress
     values["model_kwargs"] = _kv_pairs(args.model_kwargs)
+    if args.config:
+        from .training.config_file import explicit_train_fields, load_config_file, merge_config
+
+        given = explicit_train_fields(getattr(args, "argv", None) or sys.argv[1:])
+        values = merge_config(load_config_file(args.config), values, given)
     cfg = TrainConfig(**values)
     summary = train(cfg, resume=args.resume)
     if summary:
@@ -428,6 +446,47 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="pooled test features on the Poincaré disk, by class (PNG + CSV); runs side by side",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoints", nargs="+", help="run directories or checkpoints (RUN [RUN_B])")
+    p.add_argument("--ood-set", default=None, help="builtin OOD set or image directory to overlay")
+    p.add_argument("--center", choices=("frechet", "origin"), default="frechet",
+                   help="tangent PCA at the Fréchet mean or at the origin")  # fmt: skip
+    p.add_argument("--limit", type=int, default=2000, help="embed N random test images (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None, help="output directory (default: <first run>/embed)")
+
+
+def _cmd_embed(args) -> int:
+    from pathlib import Path
+
+    from .evaluation.embed import run_embed
+
+    ck = Path(args.checkpoints[0])
+    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "embed"
+    results = run_embed(
+        args.checkpoints,
+        out,
+        ood_set=args.ood_set,
+        limit=args.limit or None,
+        seed=args.seed,
+        center=args.center,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
+    for r in results:
+        means = ", ".join(f"{k} {v:.3f}" for k, v in r["mean_dist_to_origin"].items())
+        print(f"{r['run']}: mean distance to the origin per class: {means}")
+    print(f"written to {out / 'embedding.png'} and {out / 'embedding.csv'}")
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "evaluate": (_add_evaluate, _cmd_evaluate),
@@ -436,6 +495,7 @@ COMMANDS = {
     "attack": (_add_attack, _cmd_attack),
     "explain": (_add_explain, _cmd_explain),
     "experiment": (_add_experiment, _cmd_experiment),
+    "embed": (_add_embed, _cmd_embed),
 }
 
 
@@ -460,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # a bad option (one line on stderr), --help or --version
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for train --config
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT

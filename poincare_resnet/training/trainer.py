@@ -60,6 +60,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MIN_LOSS_SCALE = 1.0
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAN_POLICIES = ("stop", "skip")
+LOGGERS = ("jsonl", "tensorboard")
 # options that say how this process runs, not what the run is: taken from the caller on --resume
 RUNTIME_OPTIONS = ("max_steps", "progress", "threads", "log_every", "eval_batch_size")
 # config.json's marker: a directory is a run of this tool (and --overwrite may replace it) only
@@ -130,6 +131,7 @@ class TrainConfig:
     ckpt_every_steps: int = 0
     keep_checkpoints: int = 3
     log_every: int = 20
+    log: str = "jsonl"
     nan_policy: str = "stop"
     sync_bn: bool = False
     deterministic: bool = False
@@ -161,6 +163,7 @@ class TrainConfig:
             (self.ckpt_every_steps >= 0, "--ckpt-every-steps must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
+            (self.log in LOGGERS, f"--log must be one of {LOGGERS}"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be >= 1"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
@@ -857,6 +860,11 @@ def _train(
                 "Try a lower --lr, --grad-clip, or --nan-policy skip"
             )
 
+    tb = None
+    if main:
+        from .tb_logger import make_logger
+
+        tb = make_logger(cfg.log, run, data.val_x[:256].to(device=device, dtype=dtype))
     t_start = time.perf_counter()
     stop = bool(cfg.max_steps and state["step"] >= cfg.max_steps)
     while state["epoch"] < cfg.epochs and not stop:
@@ -945,8 +953,12 @@ def _train(
                 f"train_top1 {row['train_top1']:.4f}  val_top1 {val['top1']:.4f}  "
                 f"({epoch_time:.1f}s, {row['images_per_s']:.0f} img/s)"
             )
+            if tb is not None:
+                tb.log_epoch(row, model)
         save_resume_checkpoint()
 
+    if tb is not None:
+        tb.close()
     summary: dict[str, Any] = {}
     in_sync = ranks_in_sync(model, info) if info.enabled else None
     if state["epoch"] >= cfg.epochs and main:
