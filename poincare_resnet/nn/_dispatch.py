@@ -14,6 +14,8 @@ from .. import ball
 from ._kernels import batchnorm_forward, residual_forward
 from ._native_batchnorm import native_batchnorm, native_batchnorm_applicable
 from ._native_residual import native_residual, native_residual_applicable
+from ._torch_batchnorm import torch_batchnorm, torch_batchnorm_applicable
+from ._torch_residual import torch_residual, torch_residual_applicable
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -38,6 +40,8 @@ def batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce
             all_reduce = None
         if native_batchnorm_applicable(v, c, all_reduce):
             return native_batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
+        if torch_batchnorm_applicable(v, c, all_reduce):
+            return torch_batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
         return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce)
 
 
@@ -47,6 +51,8 @@ def residual(f, res, alpha, c, proj_eps, t_max, f_first):
     with _no_autocast(f):
         if native_residual_applicable(f, res, alpha, c):
             return native_residual(f, res, alpha, c, proj_eps, t_max, f_first)
+        if torch_residual_applicable(f, res, alpha, c):
+            return torch_residual(f, res, alpha, c, proj_eps, t_max, f_first)
         return residual_forward(f, res, alpha, c, proj_eps, t_max, f_first)
 
 
