@@ -70,7 +70,7 @@ def _chan_sums(t: Tensor, coef: Tensor) -> Tensor:
     return torch.matmul(t, coef.transpose(1, 2)).sum(0).t()
 
 
-def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r) -> SimpleNamespace:
+def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r):
     """Constants and the global scalars ``‖μ‖², ‖β‖², ⟨β, μ⟩`` (the kernels' ``Consts``)."""
     k = SimpleNamespace()
     k.c, k.sc, k.c2 = c, c**0.5, c * c

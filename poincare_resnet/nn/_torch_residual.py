@@ -159,7 +159,9 @@ class TorchResidual(torch.autograd.Function):
             (f, res), a = ctx.saved_tensors, ctx.a
         grad_f, grad_r, grad_a = residual_backward(grad, f, res, a, *ctx.args)
         needs = ctx.needs_input_grad
-        grad_alpha = grad_a.to(alpha.dtype).reshape(ctx.alpha_shape) if ctx.alpha_tensor and needs[2] else None
+        grad_alpha = None
+        if ctx.alpha_tensor and needs[2]:
+            grad_alpha = grad_a.to(alpha.dtype).reshape(ctx.alpha_shape)
         return (
             grad_f if needs[0] else None,
             grad_r if needs[1] else None,
