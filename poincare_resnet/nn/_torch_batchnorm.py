@@ -29,8 +29,6 @@ the rest in ``backward`` (no host synchronisation, no Python branch on a tensor 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor
 
@@ -38,6 +36,11 @@ from ..ball.config import MIN_NORM
 
 Scalar = Tensor | float
 _MN2 = MIN_NORM * MIN_NORM
+
+
+class Scalars:
+    """A bag of named per-pixel scalars / constants (a plain class: ``torch.compile`` traces
+    attribute writes on it, not ``types.SimpleNamespace(**kw)``)."""
 
 
 def _where0(mask: Tensor, a: Tensor) -> Tensor:
@@ -51,8 +54,8 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _sq(a: Tensor) -> Tensor:
-    """``‖a‖²`` per pixel, ``[B, 1, P]``."""
-    return _dot(a, a)
+    """``‖a‖²`` per pixel, ``[B, 1, P]`` (one reduction, no [B, C, P] temporary)."""
+    return torch.linalg.vector_norm(a, dim=1, keepdim=True).square()
 
 
 def _proj(basis: Tensor, t: Tensor) -> Tensor:
@@ -72,7 +75,7 @@ def _chan_sums(t: Tensor, coef: Tensor) -> Tensor:
 
 def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r):
     """Constants and the global scalars ``‖μ‖², ‖β‖², ⟨β, μ⟩`` (the kernels' ``Consts``)."""
-    k = SimpleNamespace()
+    k = Scalars()
     k.c, k.sc, k.c2 = c, c**0.5, c * c
     k.t_max, k.s_max = t_max, 1 - proj_eps
     k.radius = k.s_max / k.sc
@@ -86,8 +89,9 @@ def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r
 
 
 # ------------------------------------------------------------------ stage 1: x, d and m = A d − B μ
-def _stage1a(n2: Tensor, k) -> SimpleNamespace:
-    s = SimpleNamespace(n2=n2)
+def _stage1a(n2: Tensor, k) -> Scalars:
+    s = Scalars()
+    s.n2 = n2
     s.n = n2.clamp_min(_MN2).sqrt()
     s.t = k.sc * s.n
     s.inv_t = 1 / s.t
@@ -123,13 +127,14 @@ def _stage1_back(s, k, g_A, g_B, s_v, dv, G) -> tuple[Tensor, Tensor]:
     return g_n2, gd2
 
 
-def front(v: Tensor, mu: Tensor, beta: Tensor, k, g: Tensor | None = None, dots: bool = False):
+def front(v: Tensor, mu: Tensor, beta: Tensor, k, g=None, dots: bool = False, stage1=None):
     """Per-pixel inner products and stage 1: ``(s, d)`` with ``s`` the [B, 1, P] scalars.
 
     ``dots``: also ``⟨v, μ⟩, ⟨v, β⟩, ⟨d, v⟩`` and, with the output gradient ``g``,
-    ``⟨g, μ⟩, ⟨g, β⟩, ⟨g, v⟩, ⟨g, d⟩`` (the backward's products)."""
+    ``⟨g, μ⟩, ⟨g, β⟩, ⟨g, v⟩, ⟨g, d⟩`` (the backward's products). ``stage1``: the stage-1a
+    scalars of ``v`` if already computed."""
     basis = torch.stack([mu, beta])
-    s = _stage1a(_sq(v), k)
+    s = _stage1a(_sq(v), k) if stage1 is None else stage1
     if dots:
         pv = _proj(basis, v)
         s.vm, s.vb = pv[:, :1], pv[:, 1:]
@@ -306,16 +311,14 @@ def map_forward(v: Tensor, mu: Tensor, beta: Tensor, k) -> Tensor:
     """The output map ``out = k_μ μ + k_β β + k_w m`` for ``v [B, C, P]``."""
     s, d = front(v, mu, beta, k)
     stage2(s, k)
+    return _output(s, d, mu, beta)
+
+
+def _output(s, d: Tensor, mu: Tensor, beta: Tensor) -> Tensor:
+    """``out = k_μ μ + k_β β + k_w m`` with ``m = A d − B μ`` (two passes)."""
     k_mu, k_b, k_w = s.lg * s.o_mu, s.lg * s.o_b, s.lg * s.o_w
     coef = torch.cat([k_mu - k_w * s.B, k_b], dim=1)  # m = A d − B μ
     return torch.addcmul(_combine(torch.stack([mu, beta]), coef), k_w * s.A, d)
-
-
-def variance_sum(v: Tensor, mu: Tensor, k) -> Tensor:
-    """``S = Σ_pixels at²`` (σ² = 4 S / (c N))."""
-    s, _ = front(v, mu, mu, k)
-    stage2(s, k, out=False)
-    return s.at.square().sum()
 
 
 def map_backward(v, g, mu, beta, k, var_seed=None):
@@ -379,7 +382,10 @@ def map_backward(v, g, mu, beta, k, var_seed=None):
 # ------------------------------------------------------------------ [C]-sized train-mode maths
 def midpoint(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
     """``μ`` from the sums (the closed form's ``midpoint_from_sums``), with its intermediates."""
-    z = SimpleNamespace(s1=s1, s0=s0, c=c)
+    z = Scalars()
+    z.s1 = s1
+    z.s0 = s0
+    z.c = c
     z.den0 = s0 - count / 2
     z.den = z.den0.clamp_min(MIN_NORM)
     z.m = s1 / z.den
@@ -437,7 +443,10 @@ def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Ten
 
 
 def _scalar_consts(c: Scalar, t_max: float):
-    k = SimpleNamespace(c=c, sc=c**0.5, t_max=t_max)
+    k = Scalars()
+    k.c = c
+    k.sc = c**0.5
+    k.t_max = t_max
     return k
 
 
@@ -459,10 +468,13 @@ class TorchTrainBatchNorm(torch.autograd.Function):
         z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
         mu = z.mu.to(v.dtype)
         k = consts(mu, beta, c, t_max, proj_eps, None)
-        S = variance_sum(v, mu, k)
+        s, d = front(v, mu, beta, k, stage1=s)  # the variance and the output share d
+        stage2(s, k, out=False)
+        S = s.at.square().sum()
         var = S.double() * (4 / c) / count
         k.r = (weight.double().abs().reshape(-1)[0] / torch.sqrt(var + bn_eps)).to(v.dtype)
-        out = map_forward(v, mu, beta, k)
+        stage2(s, k)
+        out = _output(s, d, mu, beta)
         ctx.save_for_backward(v, beta, weight, s1, s0, S)
         ctx.args = (c, bn_eps, proj_eps, t_max)
         var = var.to(v.dtype)

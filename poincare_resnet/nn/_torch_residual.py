@@ -15,20 +15,19 @@ products are taken from it (no cancellation when ``o ≈ 0``). :class:`TorchResi
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 from torch import Tensor
 
 from ..ball.config import MIN_NORM
-from ._torch_batchnorm import _dot, _sq, _where0
+from ._torch_batchnorm import Scalars, _dot, _sq, _where0
 
 _MN2 = MIN_NORM * MIN_NORM
 
 
-def _radial(n2: Tensor, sc, t_max: float) -> SimpleNamespace:
+def _radial(n2: Tensor, sc, t_max: float) -> Scalars:
     """``expmap0`` of a vector with ``‖·‖² = n2``: ``al`` with ``x = al·v`` (and ``th``)."""
-    r = SimpleNamespace(n2=n2)
+    r = Scalars()
+    r.n2 = n2
     r.z = sc * n2.clamp_min(_MN2).sqrt()
     r.inv_z = 1 / r.z
     r.th = torch.tanh(r.z.clamp_max(t_max))
@@ -44,9 +43,11 @@ def _radial_back(r, d_al: Tensor, d_th: Tensor, c, t_max: float) -> Tensor:
     return _where0(r.n2 >= _MN2, (c / 2) * d_z * r.inv_z)
 
 
-def _pixel(sff, srr, sfr, a, c, t_max: float, f_first: bool) -> SimpleNamespace:
+def _pixel(sff, srr, sfr, a, c, t_max: float, f_first: bool) -> Scalars:
     """The per-pixel scalars of the Möbius sum from the channel sums."""
-    q = SimpleNamespace(sff=sff, sfr=sfr)
+    q = Scalars()
+    q.sff = sff
+    q.sfr = sfr
     sc = c**0.5
     q.rf = _radial(sff * (a * a), sc, t_max)
     q.rr = _radial(srr, sc, t_max)
