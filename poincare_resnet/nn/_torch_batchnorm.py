@@ -443,6 +443,7 @@ def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Ten
 
 
 def _scalar_consts(c: Scalar, t_max: float):
+    """The constants stage 1a needs (before μ exists)."""
     k = Scalars()
     k.c = c
     k.sc = c**0.5
