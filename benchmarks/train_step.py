@@ -7,11 +7,19 @@ of ``--repeats`` timed steps. Peak memory is the peak of the tensors a train ste
 parameters, optimizer state and batch plus the peak extra tensor memory of one profiled train step
 after warm-up (activations saved for backward, gradients, temporaries; ``benchmarks/_memory.py``).
 The growth of the process's maximum resident set size (``ru_maxrss``) over the baseline taken
-after the model and data exist is printed too, in the JSON only: it also counts the compiler's
-own memory (a compiled Poincaré graph has many more nodes) and what glibc keeps mapped.
+after the model and data exist also counts the compiler's own memory (a compiled Poincaré graph
+has many more nodes) and what glibc keeps mapped; its growth from batch B to 2B (two more child
+processes) cancels what does not depend on the batch: the *activation memory* of B samples,
+reported with the allocator's own difference (on CUDA ``max_memory_allocated``).
+
+``--path native`` (default) runs the native CPU kernels where they apply; ``--path torch``
+switches them off, so every Poincaré layer runs the PyTorch path a GPU runs (hand-written
+autograd Functions of ``nn/_torch_batchnorm.py``, ``nn/_torch_residual.py``, the FC map's).
+On CUDA the steps are timed with CUDA events.
 
     python benchmarks/train_step.py            # ResNet-20/32, widths 8-16-32 and 16-32-64
     python benchmarks/train_step.py --depths 20 --widths 8-16-32 --no-compile --repeats 5
+    python benchmarks/train_step.py --path torch --depths 20 --widths 8-16-32
 
 Run it alone: another busy process on the same cores distorts every number.
 """
@@ -122,10 +130,17 @@ def main() -> None:
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--no-compile", action="store_true", help="eager mode only")
     p.add_argument(
-        "--native",
-        choices=("on", "off"),
+        "--path",
+        choices=("native", "torch"),
         default=None,
-        help="force the native CPU kernels on/off (default: on where they apply)",
+        help="native: the C++ CPU kernels where they apply (default); torch: native kernels "
+        "off, the PyTorch (GPU) path",
+    )
+    p.add_argument("--native", choices=("on", "off"), default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--no-act-memory",
+        action="store_true",
+        help="skip the batch-2B runs that measure activation memory",
     )
     p.add_argument("--json", default=None, help="also write the rows to this file")
     # child-process arguments
@@ -138,13 +153,15 @@ def main() -> None:
     if args.child:
         _child(args)
         return
+    if args.path is not None:
+        args.native = "on" if args.path == "native" else "off"
     modes = ["eager"] if args.no_compile else args.modes.split(",")
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
         for widths in args.widths.split(","):
             for mode in modes:
-                res = {}
-                for family in ("euclidean", "poincare"):
+                res, res2 = {}, {}
+                for family, batch in _runs(args):
                     cmd = [
                         sys.executable,
                         __file__,
@@ -158,7 +175,7 @@ def main() -> None:
                         "--mode",
                         mode,
                         "--batch",
-                        str(args.batch),
+                        str(batch),
                         "--repeats",
                         str(args.repeats),
                         "--warmup",
@@ -174,7 +191,8 @@ def main() -> None:
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if out.returncode != 0:
                         sys.exit(f"{family} {depth} {widths} {mode} failed:\n{out.stderr[-3000:]}")
-                    res[family] = json.loads(out.stdout.strip().splitlines()[-1])
+                    row_out = json.loads(out.stdout.strip().splitlines()[-1])
+                    (res if batch == args.batch else res2)[family] = row_out
                 e, h = res["euclidean"], res["poincare"]
                 row = {
                     "model": f"ResNet-{depth} ({widths})",
@@ -191,6 +209,15 @@ def main() -> None:
                     "eucl_rss_growth_mib": e["rss_growth_mib"],
                     "poinc_rss_growth_mib": h["rss_growth_mib"],
                 }
+                if res2:  # activation memory: growth from batch B to 2B
+                    for key, fam in (("eucl", "euclidean"), ("poinc", "poincare")):
+                        big, small = res2[fam], res[fam]
+                        row[f"{key}_act_rss_mib"] = big["rss_growth_mib"] - small["rss_growth_mib"]
+                        row[f"{key}_act_peak_mib"] = big["peak_mib"] - small["peak_mib"]
+                    for kind in ("rss", "peak"):
+                        row[f"act_{kind}_ratio"] = row[f"poinc_act_{kind}_mib"] / max(
+                            row[f"eucl_act_{kind}_mib"], 1e-9
+                        )
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
     print()
@@ -198,6 +225,12 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+def _runs(args) -> list[tuple[str, int]]:
+    """(family, batch) of each child process: batch B, and 2B for the activation memory."""
+    batches = [args.batch] if args.no_act_memory else [args.batch, 2 * args.batch]
+    return [(family, b) for b in batches for family in ("euclidean", "poincare")]
 
 
 def _cuda() -> bool:
@@ -210,20 +243,30 @@ def _cuda() -> bool:
 
 
 def _fmt_row(r: dict) -> str:
-    return (
+    line = (
         f"{r['model']:<22} {r['mode']:<8} train {r['eucl_train_ms']:7.1f} / "
         f"{r['poinc_train_ms']:7.1f} ms ({r['train_ratio']:.2f}x)  fwd {r['eucl_fwd_ms']:6.1f} / "
         f"{r['poinc_fwd_ms']:6.1f} ms ({r['fwd_ratio']:.2f}x)  peak {r['eucl_peak_mib']:6.0f} / "
         f"{r['poinc_peak_mib']:6.0f} MiB ({r['mem_ratio']:.2f}x)"
     )
+    if "act_rss_ratio" in r:
+        line += (
+            f"  activations (B -> 2B) RSS {r['eucl_act_rss_mib']:.0f} / "
+            f"{r['poinc_act_rss_mib']:.0f} MiB ({r['act_rss_ratio']:.2f}x), allocator "
+            f"{r['eucl_act_peak_mib']:.0f} / {r['poinc_act_peak_mib']:.0f} MiB "
+            f"({r['act_peak_ratio']:.2f}x)"
+        )
+    return line
 
 
 def _table(rows: list[dict], args) -> str:
+    path = {"on": "native", "off": "torch"}.get(args.native, "native")
     head = (
-        f"batch {args.batch}, {args.threads} threads, device {args.device}, medians of "
-        f"{args.repeats} steps after {args.warmup} warm-up steps\n\n"
+        f"batch {args.batch}, path {path}, {args.threads} threads, device {args.device}, "
+        f"medians of {args.repeats} steps after {args.warmup} warm-up steps\n\n"
         "| model | mode | train step Eucl. / Poinc. (ms) | ratio | eval fwd Eucl. / Poinc. "
-        "(ms) | ratio | peak mem Eucl. / Poinc. (MiB) | ratio |\n|---|---|---|---|---|---|---|---|"
+        "(ms) | ratio | peak mem Eucl. / Poinc. (MiB) | ratio | activations (B → 2B RSS) "
+        "Eucl. / Poinc. (MiB) | ratio |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -232,7 +275,13 @@ def _table(rows: list[dict], args) -> str:
             f"{r['eucl_train_ms']:.0f} / {r['poinc_train_ms']:.0f} | "
             f"{r['train_ratio']:.2f}× | {r['eucl_fwd_ms']:.1f} / {r['poinc_fwd_ms']:.1f} | "
             f"{r['fwd_ratio']:.2f}× | {r['eucl_peak_mib']:.0f} / {r['poinc_peak_mib']:.0f} | "
-            f"{r['mem_ratio']:.2f}× |"
+            f"{r['mem_ratio']:.2f}× | "
+            + (
+                f"{r['eucl_act_rss_mib']:.0f} / {r['poinc_act_rss_mib']:.0f} | "
+                f"{r['act_rss_ratio']:.2f}× |"
+                if "act_rss_ratio" in r
+                else "– | – |"
+            )
         )
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch._inductor.config
 from torch import nn
@@ -76,3 +77,92 @@ def test_block_compiled_with_inductor_matches_eager():
             b_c, b_e, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
         )
     assert int(compiled_module.bn1.num_batches_tracked) == 2
+
+
+# ------------------------------------------------------------------ whole models, PyTorch path
+# With the native kernels off every Poincaré layer runs the PyTorch path a GPU runs (the
+# hand-written autograd Functions of nn/_torch_batchnorm.py, nn/_torch_residual.py and the FC
+# map). ``fullgraph=True`` refuses graph breaks; AOT autograd traces each custom backward ahead
+# of time, which a host read (``.item()``, a Python branch on a tensor value) would break.
+# ``aot_eager`` runs those traced graphs as they are (seconds to compile); inductor also lowers
+# them (its C++ build of a whole ResNet takes minutes to tens of minutes on a loaded 2-core
+# machine: the inductor runs are ``slow``; the block test above covers inductor on this path).
+_FAMILY_REPRESENTATIVES = [
+    "euclidean_resnet20",
+    "hybrid_resnet20",
+    "poincare_resnet20",
+    "poincare_resnet20_nf",
+]
+
+
+def _all_models() -> list[str]:
+    from poincare_resnet.models import list_models
+
+    return list_models()
+
+
+@pytest.fixture
+def torch_path():
+    from poincare_resnet import _cpp
+
+    before = _cpp.native_enabled()
+    _cpp.set_native(False)
+    yield
+    _cpp.set_native(before)
+
+
+def _check_model_compiles(name: str, backend: str, tol: float) -> None:
+    from poincare_resnet import create_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, in_chans=3).train()
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 8, 8, generator=gen)
+    g = torch.randn(2, 10, generator=gen)
+    out_e, out_c = model(x), compiled(x)
+    torch.testing.assert_close(out_c, out_e, rtol=tol, atol=tol)
+    (out_e * g).sum().backward()
+    (out_c * g).sum().backward()
+    for (pname, p_e), p_c in zip(
+        model.named_parameters(), compiled_model.parameters(), strict=True
+    ):
+        if p_e.grad is None:
+            assert p_c.grad is None, pname
+            continue
+        scale = max(float(p_e.grad.abs().max()), 1e-6)
+        err = float((p_c.grad - p_e.grad).abs().max()) / scale
+        assert err <= tol, f"{name} {pname}: relative gradient error {err:.3g}"
+    for (bname, b_e), b_c in zip(model.named_buffers(), compiled_model.buffers(), strict=True):
+        torch.testing.assert_close(b_c, b_e, rtol=tol, atol=tol, msg=lambda m, n=bname: n + m)
+    model.eval()
+    compiled_model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", _FAMILY_REPRESENTATIVES)
+def test_model_fullgraph_on_torch_path(name, torch_path):
+    """One model per family, train step (forward, gradients, running statistics) and eval."""
+    _check_model_compiles(name, "aot_eager", 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in _all_models() if n not in _FAMILY_REPRESENTATIVES])
+def test_every_model_fullgraph_on_torch_path(name, torch_path):
+    _check_model_compiles(name, "aot_eager", 1e-4)
+
+
+@pytest.mark.slow
+@torch._inductor.config.patch({"cpp.vec_isa_ok": False})
+@pytest.mark.parametrize("name", _all_models())
+def test_every_model_inductor_on_torch_path(name, torch_path):
+    _check_model_compiles(name, "inductor", 1e-3)
+
+
+@torch._inductor.config.patch({"cpp.vec_isa_ok": False})
+def test_block_inductor_on_torch_path(torch_path):
+    """The block test above with the PyTorch path's Functions lowered by inductor."""
+    test_block_compiled_with_inductor_matches_eager()

@@ -8,6 +8,11 @@ combination touch the full ``[B, C, H, W]`` tensors. The results are identical t
 ``expmap0``/``mobius_add``/``gyration``/``logmap0`` of :mod:`poincare_resnet.ball` (the layer tests
 check this) at a fraction of the passes over memory; autograd of these few ops keeps the graph
 small.
+
+These autograd forms are the fallback for what the PyTorch path (:mod:`._torch_batchnorm`,
+:mod:`._torch_residual`) does not take — a learnable curvature that needs its gradient,
+synchronised batch norm — and the tests' float64 reference. Their float32 ``(−μ) ⊕ x`` loses
+~1e-3 near the boundary where the other two paths form it from ``d = x − μ``.
 """
 
 from __future__ import annotations

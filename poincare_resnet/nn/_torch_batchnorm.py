@@ -1,0 +1,589 @@
+"""The Poincaré midpoint batch norm in PyTorch ops with a hand-written backward (any device).
+
+The same map, the same float32-stable algebra and the same reverse mode as the native CPU
+kernels (``poincare_resnet/_cpp/batchnorm.cpp``), written as PyTorch operations on ``[B, C, P]``
+maps with the per-pixel scalars as ``[B, 1, P]`` tensors, so that it runs wherever PyTorch
+runs (GPUs, a curvature tensor that needs no gradient) and agrees with the native path by
+construction. Per pixel, with ``x = expmap0(v) = ax·v``::
+
+    d = x − μ  (formed explicitly),   m = (−μ) ⊕ x = A·d − B·μ,
+    A = (1 − c‖μ‖²)/den,  B = c‖d‖²/den,  den = (1 − c‖μ‖²)(1 − c‖x‖²) + c‖d‖²
+    at = atanh(√c‖project(m)‖)                      (d(x, μ) = 2·at/√c)
+    w' = gyr[β, −μ](r ⊗ m) = e_μ μ + e_w m + e_β β,   o = β ⊕ w' = o_μ μ + o_w m + o_β β
+    out = logmap0(project(o)) = lg·o
+
+All Möbius maths is per-pixel scalar arithmetic on a few inner products; only those inner
+products (channel reductions and ``[K, C] @ [B, C, P]`` matmuls) and the final combination touch
+the full maps. ``m`` is never formed from the closed form's ``a1·μ + a2·v``, whose coefficients
+cancel in float32 when ``x ≈ μ`` near the boundary (~1e-3 error): every product of ``m`` comes
+from those of the small vector ``d``.
+
+Two autograd functions, each saving only its inputs and per-channel statistics and recomputing
+the rest in ``backward`` (no host synchronisation, no Python branch on a tensor value):
+
+* :class:`TorchTrainBatchNorm` ``(v, β, weight) → (out, μ, σ²)`` with batch statistics; the
+  gradient flows through μ (the gyromidpoint) and σ² into ``v``, as the native
+  ``_TrainBatchNorm``. The [C]-sized maths between the reductions runs in float64.
+* :class:`TorchBatchNormMap` ``(v, μ, β, r) → out`` with given (running) statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ball.config import MIN_NORM
+
+Scalar = Tensor | float
+_MN2 = MIN_NORM * MIN_NORM
+
+
+class Scalars:
+    """A bag of named per-pixel scalars / constants (a plain class: ``torch.compile`` traces
+    attribute writes on it, not ``types.SimpleNamespace(**kw)``)."""
+
+
+def _where0(mask: Tensor, a: Tensor) -> Tensor:
+    """``a`` where ``mask``, else 0 (the kernels' ``sel``)."""
+    return torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``Σ_c a_c b_c`` per pixel: ``[B, C, P] × [B, C, P] → [B, 1, P]``."""
+    return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
+
+
+def _sq(a: Tensor) -> Tensor:
+    """``‖a‖²`` per pixel, ``[B, 1, P]`` (one reduction, no [B, C, P] temporary)."""
+    return torch.linalg.vector_norm(a, dim=1, keepdim=True).square()
+
+
+def _proj(basis: Tensor, t: Tensor) -> Tensor:
+    """``⟨basis_k, t⟩`` per pixel: ``[K, C] @ [B, C, P] → [B, K, P]`` (one read of ``t``)."""
+    return torch.matmul(basis, t)
+
+
+def _combine(basis: Tensor, coef: Tensor) -> Tensor:
+    """``Σ_k coef_k basis_k``: ``[B, K, P] → [B, C, P]``."""
+    return torch.matmul(basis.t(), coef)
+
+
+def _chan_sums(t: Tensor, coef: Tensor) -> Tensor:
+    """``Σ_{b,p} coef[b, k, p] t[b, c, p]``: ``[K, C]`` (one read of ``t``)."""
+    return torch.matmul(t, coef.transpose(1, 2)).sum(0).t()
+
+
+def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r):
+    """Constants and the global scalars ``‖μ‖², ‖β‖², ⟨β, μ⟩`` (the kernels' ``Consts``)."""
+    k = Scalars()
+    k.c, k.sc, k.c2 = c, c**0.5, c * c
+    k.t_max, k.s_max = t_max, 1 - proj_eps
+    k.radius = k.s_max / k.sc
+    k.m2, k.b2, k.bm = mu.dot(mu), beta.dot(beta), beta.dot(mu)
+    k.omm = 1 - c * k.m2
+    k.gd_raw = 1 + c * 2 * (-k.bm) + k.c2 * k.b2 * k.m2
+    k.gd = k.gd_raw.clamp_min(MIN_NORM)
+    k.big_b2 = 1 - c * k.b2
+    k.r = r
+    return k
+
+
+# ------------------------------------------------------------------ stage 1: x, d and m = A d − B μ
+def _stage1a(n2: Tensor, k) -> Scalars:
+    s = Scalars()
+    s.n2 = n2
+    s.n = n2.clamp_min(_MN2).sqrt()
+    s.t = k.sc * s.n
+    s.inv_t = 1 / s.t
+    s.th = torch.tanh(s.t.clamp_max(k.t_max))
+    s.ax = s.th * s.inv_t
+    s.omx = 1 - s.th * s.th  # 1 − c‖x‖²
+    return s
+
+
+def _stage1b(s, d2: Tensor, k) -> None:
+    s.d2 = d2
+    cd2 = k.c * d2
+    s.den_raw = k.omm * s.omx + cd2
+    s.inv_den = 1 / s.den_raw.clamp_min(MIN_NORM)
+    s.A = k.omm * s.inv_den
+    s.B = cd2 * s.inv_den
+
+
+def _stage1_back(s, k, g_A, g_B, s_v, dv, G) -> tuple[Tensor, Tensor]:
+    """Adjoints of (A, B) → adjoints of (‖v‖², ‖d‖²); the ‖μ‖² part into ``G``."""
+    inv = s.inv_den
+    g_den = -(s.A * g_A + s.B * g_B) * inv
+    g_denr = _where0(s.den_raw >= MIN_NORM, g_den)
+    g_omm = g_A * inv + s.omx * g_denr
+    g_omx = k.omm * g_denr
+    gd2 = k.c * (g_B * inv + g_denr)
+    G["m2"] = G["m2"] - k.c * g_omm
+    g_ax = s.A * s_v + 2 * gd2 * dv
+    g_th = -2 * s.th * g_omx + g_ax * s.inv_t
+    g_t = -(s.ax * s.inv_t * g_ax) + _where0(s.t <= k.t_max, g_th * (1 - s.th * s.th))
+    g_n = k.sc * g_t
+    g_n2 = _where0(s.n2 >= _MN2, g_n / (2 * s.n))
+    return g_n2, gd2
+
+
+def front(v: Tensor, mu: Tensor, beta: Tensor, k, g=None, dots: bool = False, stage1=None):
+    """Per-pixel inner products and stage 1: ``(s, d)`` with ``s`` the [B, 1, P] scalars.
+
+    ``dots``: also ``⟨v, μ⟩, ⟨v, β⟩, ⟨d, v⟩`` and, with the output gradient ``g``,
+    ``⟨g, μ⟩, ⟨g, β⟩, ⟨g, v⟩, ⟨g, d⟩`` (the backward's products). ``stage1``: the stage-1a
+    scalars of ``v`` if already computed."""
+    basis = torch.stack([mu, beta])
+    s = _stage1a(_sq(v), k) if stage1 is None else stage1
+    if dots:
+        pv = _proj(basis, v)
+        s.vm, s.vb = pv[:, :1], pv[:, 1:]
+    d = torch.addcmul(-mu.view(1, -1, 1), s.ax, v)
+    pd = _proj(basis, d)
+    s.dmu, s.db = pd[:, :1], pd[:, 1:]
+    _stage1b(s, _sq(d), k)
+    A, B = s.A, s.B
+    s.q = A * A * s.d2 - 2 * A * B * s.dmu + B * B * k.m2
+    s.mm = A * s.dmu - B * k.m2
+    s.mb = A * s.db - B * k.bm
+    if dots:
+        s.dv = _dot(d, v)
+        s.md = A * s.d2 - B * s.dmu
+        s.mv = A * s.dv - B * s.vm
+        if g is not None:
+            pg = _proj(basis, g)
+            s.g_mu, s.g_b = pg[:, :1], pg[:, 1:]
+            s.g_v = _dot(g, v)
+            s.g_d = _dot(g, d)
+            s.g_m = A * s.g_d - B * s.g_mu
+    return s, d
+
+
+# ------------------------------------------------------------------ stage 2: the rest, per pixel
+def _quad(k, cm, cw, cb, mnn, mm, mb) -> Tensor:
+    """``‖cm μ + cw m + cb β‖²`` from the Gram entries."""
+    return (
+        cm * cm * k.m2
+        + cw * cw * mnn
+        + cb * cb * k.b2
+        + 2 * (cm * cw * mm + cm * cb * k.bm + cw * cb * mb)
+    )
+
+
+def stage2(s, k, out: bool = True) -> None:
+    """From ``‖m‖², ⟨m, μ⟩, ⟨m, β⟩`` to ``at`` (and, with ``out``, the output coefficients)."""
+    s.mn0 = s.q.clamp_min(_MN2).sqrt()
+    s.big = s.mn0 > k.radius
+    s.shrink = torch.where(s.big, k.radius / s.mn0, torch.ones_like(s.mn0))
+    s.mn = s.mn0 * s.shrink
+    s.u = k.sc * s.mn
+    s.at = torch.atanh(s.u.clamp_max(k.s_max))
+    if not out:
+        return
+    c, c2 = k.c, k.c2
+    s.inv_u = 1 / s.u
+    s.thr = torch.tanh(k.r * s.at)
+    s.s_w = s.thr * s.inv_u * s.shrink
+    s.mnn = s.mn0 * s.mn0
+    s.uw = s.s_w * s.mb
+    s.vw = -(s.s_w * s.mm)
+    uv = -k.bm
+    s.ga = (-c2 * k.m2) * s.uw + c * s.vw + (2 * c2 * uv) * s.vw
+    s.gb = (-c2 * k.b2) * s.vw - c * s.uw
+    s.e_mu = (-2 / k.gd) * s.gb
+    s.e_w = s.s_w
+    s.e_b = (2 / k.gd) * s.ga
+    s.bw = s.e_mu * k.bm + s.e_w * s.mb + s.e_b * k.b2
+    s.w2 = _quad(k, s.e_mu, s.e_w, s.e_b, s.mnn, s.mm, s.mb)
+    big_a2 = 1 + (2 * c) * s.bw + c * s.w2
+    s.den2_raw = 1 + (2 * c) * s.bw + (c2 * k.b2) * s.w2
+    s.inv_den2 = 1 / s.den2_raw.clamp_min(MIN_NORM)
+    s.o_b = (big_a2 + k.big_b2 * s.e_b) * s.inv_den2
+    s.o_mu = k.big_b2 * s.e_mu * s.inv_den2
+    s.o_w = k.big_b2 * s.e_w * s.inv_den2
+    s.o2 = _quad(k, s.o_mu, s.o_w, s.o_b, s.mnn, s.mm, s.mb)
+    s.on = s.o2.clamp_min(_MN2).sqrt()
+    s.scon = k.sc * s.on
+    s.inv_scon = 1 / s.scon
+    s.s = s.scon.clamp_max(k.s_max)
+    s.lg = torch.atanh(s.s) * s.inv_scon
+
+
+def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
+    """Reverse of the output part of stage 2, from the adjoints of ``k_μ = lg·o_μ``,
+    ``k_β = lg·o_β``, ``k_w = lg·o_w``: ``(g_q, g_mm, g_mb, g_u, g_shrink, g_at)``; the global
+    scalars' adjoints (``‖μ‖², ‖β‖², ⟨β, μ⟩``, gd, B₂, ⟨u, v⟩, r) accumulated into ``G``."""
+    c, c2 = k.c, k.c2
+    m2, b2, bm = k.m2, k.b2, k.bm
+    g_lg = g_kmu * s.o_mu + g_kb * s.o_b + g_kw * s.o_w
+    g_omu, g_ob, g_ow = g_kmu * s.lg, g_kb * s.lg, g_kw * s.lg
+    g_scon = -(s.lg * s.inv_scon * g_lg)
+    g_s = g_lg * s.inv_scon / (1 - s.s * s.s)
+    g_scon = g_scon + _where0(s.scon <= k.s_max, g_s)
+    g_on = k.sc * g_scon
+    g_o2 = _where0(s.o2 >= _MN2, g_on / (2 * s.on))
+    g_omu = g_omu + 2 * g_o2 * (s.o_mu * m2 + s.o_w * s.mm + s.o_b * bm)
+    g_ow = g_ow + 2 * g_o2 * (s.o_w * s.mnn + s.o_mu * s.mm + s.o_b * s.mb)
+    g_ob = g_ob + 2 * g_o2 * (s.o_b * b2 + s.o_mu * bm + s.o_w * s.mb)
+    G["m2"] = G["m2"] + g_o2 * s.o_mu * s.o_mu
+    G["b2"] = G["b2"] + g_o2 * s.o_b * s.o_b
+    G["bm"] = G["bm"] + 2 * g_o2 * s.o_mu * s.o_b
+    g_mnn = g_o2 * s.o_w * s.o_w
+    g_mm = 2 * g_o2 * s.o_mu * s.o_w
+    g_mb = 2 * g_o2 * s.o_w * s.o_b
+    inv = s.inv_den2
+    g_a2 = g_ob * inv
+    g_eb = g_ob * k.big_b2 * inv
+    g_emu = g_omu * k.big_b2 * inv
+    g_ew = g_ow * k.big_b2 * inv
+    G["big_b2"] = G["big_b2"] + (g_ob * s.e_b + g_omu * s.e_mu + g_ow * s.e_w) * inv
+    g_den2 = -(g_ob * s.o_b + g_omu * s.o_mu + g_ow * s.o_w) * inv
+    g_d2r = _where0(s.den2_raw >= MIN_NORM, g_den2)
+    g_bw = (2 * c) * (g_d2r + g_a2)
+    g_w2 = (c2 * b2) * g_d2r + c * g_a2
+    G["b2"] = G["b2"] + c2 * s.w2 * g_d2r
+    g_emu = g_emu + 2 * g_w2 * (s.e_mu * m2 + s.e_w * s.mm + s.e_b * bm)
+    g_ew = g_ew + 2 * g_w2 * (s.e_w * s.mnn + s.e_mu * s.mm + s.e_b * s.mb)
+    g_eb = g_eb + 2 * g_w2 * (s.e_b * b2 + s.e_mu * bm + s.e_w * s.mb)
+    G["m2"] = G["m2"] + g_w2 * s.e_mu * s.e_mu
+    G["b2"] = G["b2"] + g_w2 * s.e_b * s.e_b
+    G["bm"] = G["bm"] + 2 * g_w2 * s.e_mu * s.e_b
+    g_mnn = g_mnn + g_w2 * s.e_w * s.e_w
+    g_mm = g_mm + 2 * g_w2 * s.e_mu * s.e_w
+    g_mb = g_mb + 2 * g_w2 * s.e_w * s.e_b
+    g_emu = g_emu + g_bw * bm
+    g_ew = g_ew + g_bw * s.mb
+    g_eb = g_eb + g_bw * b2
+    G["bm"] = G["bm"] + g_bw * s.e_mu
+    G["b2"] = G["b2"] + g_bw * s.e_b
+    g_mb = g_mb + g_bw * s.e_w
+    g_gb = (-2 / k.gd) * g_emu
+    g_ga = (2 / k.gd) * g_eb
+    g_sw = g_ew
+    G["gd"] = G["gd"] - (g_emu * s.e_mu + g_eb * s.e_b) * (1 / k.gd)
+    uv = -k.bm
+    g_uw = (-c2 * m2) * g_ga - c * g_gb
+    g_vw = (c + 2 * c2 * uv) * g_ga - (c2 * b2) * g_gb
+    G["m2"] = G["m2"] - c2 * s.uw * g_ga
+    G["uv"] = G["uv"] + 2 * c2 * s.vw * g_ga
+    G["b2"] = G["b2"] - c2 * s.vw * g_gb
+    g_sw = g_sw + g_uw * s.mb - g_vw * s.mm
+    g_mb = g_mb + g_uw * s.s_w
+    g_mm = g_mm - g_vw * s.s_w
+    g_thr = g_sw * s.shrink * s.inv_u
+    g_u = -(g_sw * s.s_w * s.inv_u)
+    g_shrink = g_sw * s.thr * s.inv_u
+    g_rat = g_thr * (1 - s.thr * s.thr)
+    G["r"] = G["r"] + g_rat * s.at
+    g_at = g_rat * k.r
+    g_q = _where0(s.q >= _MN2, g_mnn)
+    return g_q, g_mm, g_mb, g_u, g_shrink, g_at
+
+
+def _stage2_back_tail(s, k, g_u, g_shrink, g_at) -> Tensor:
+    """Reverse of ``at = atanh(√c‖project(m)‖)`` (linear in its seeds): the adjoint of ‖m‖²."""
+    uc = s.u.clamp_max(k.s_max)
+    g_u = g_u + _where0(s.u <= k.s_max, g_at / (1 - uc * uc))
+    g_mn = k.sc * g_u
+    g_mn0 = g_mn * s.shrink
+    g_shrink = g_shrink + g_mn * s.mn0
+    g_mn0 = g_mn0 + _where0(s.big, -(k.radius / (s.mn0 * s.mn0) * g_shrink))
+    return _where0(s.q >= _MN2, g_mn0 / (2 * s.mn0))
+
+
+_GLOBALS = ("m2", "b2", "bm", "gd", "big_b2", "uv", "r")
+
+
+def _reduce_globals(G: dict, k, mu: Tensor, beta: Tensor):
+    """Per-pixel global adjoints → ``(Δ∂μ [C], Δ∂β [C], ∂r)`` through ‖μ‖², ‖β‖², ⟨β, μ⟩."""
+    S = {n: (x.sum() if torch.is_tensor(x) and x.dim() else x) for n, x in G.items()}
+    ok = k.gd_raw >= MIN_NORM
+    zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+    g_gd = torch.where(ok, S["gd"], zero)
+    g_uv = S["uv"] + 2 * k.c * g_gd
+    g_b2 = S["b2"] + k.c2 * k.m2 * g_gd - k.c * S["big_b2"]
+    g_m2 = S["m2"] + k.c2 * k.b2 * g_gd
+    g_bm = S["bm"] - g_uv
+    return 2 * g_m2 * mu + g_bm * beta, 2 * g_b2 * beta + g_bm * mu, S["r"]
+
+
+def map_forward(v: Tensor, mu: Tensor, beta: Tensor, k) -> Tensor:
+    """The output map ``out = k_μ μ + k_β β + k_w m`` for ``v [B, C, P]``."""
+    s, d = front(v, mu, beta, k)
+    stage2(s, k)
+    return _output(s, d, mu, beta)
+
+
+def _output(s, d: Tensor, mu: Tensor, beta: Tensor) -> Tensor:
+    """``out = k_μ μ + k_β β + k_w m`` with ``m = A d − B μ`` (two passes)."""
+    k_mu, k_b, k_w = s.lg * s.o_mu, s.lg * s.o_b, s.lg * s.o_w
+    coef = torch.cat([k_mu - k_w * s.B, k_b], dim=1)  # m = A d − B μ
+    return torch.addcmul(_combine(torch.stack([mu, beta]), coef), k_w * s.A, d)
+
+
+def map_backward(v, g, mu, beta, k, var_seed=None):
+    """Backward of :func:`map_forward` (plus, in train mode, of ``g_S·Σ at²``).
+
+    ``var_seed(∂r) → g_S``: the adjoint of the variance sum, known only once ``∂r`` is reduced.
+    Returns ``(grad_v_parts, ∂μ [C], ∂β [C], ∂r, s)`` with ``grad_v_parts`` a function
+    ``(extra basis, extra coefficients, extra v coefficient) → ∂v`` so that the midpoint's
+    gradient joins the same final pass."""
+    s, d = front(v, mu, beta, k, g=g, dots=True)
+    stage2(s, k)
+    G = dict.fromkeys(_GLOBALS, 0.0)
+    k_mu, k_b, k_w = s.lg * s.o_mu, s.lg * s.o_b, s.lg * s.o_w
+    g_q, g_mm, g_mb, g_u, g_shrink, g_at = _stage2_back_out(s, k, s.g_mu, s.g_b, s.g_m, G)
+    g_var_s = None
+    if var_seed is not None:
+        g_var_s = var_seed(G["r"].sum())
+        g_at = g_at + 2 * g_var_s * s.at
+    g_q = g_q + _stage2_back_tail(s, k, g_u, g_shrink, g_at)
+    two_gq = 2 * g_q
+    A, B, ax = s.A, s.B, s.ax
+    s_d = k_w * s.g_d + two_gq * s.md + g_mm * s.dmu + g_mb * s.db
+    s_mu = k_w * s.g_mu + two_gq * s.mm + g_mm * k.m2 + g_mb * k.bm
+    s_v = k_w * s.g_v + two_gq * s.mv + g_mm * s.vm + g_mb * s.vb
+    g_n2, g_d2 = _stage1_back(s, k, s_d, -s_mu, s_v, s.dv, G)
+    two_gd2 = 2 * g_d2
+    # per channel, with m = A d − B μ:  gm = 2g_q m + g_mm μ + k_w g + g_mb β,
+    # gd = A gm + 2 g_d2 d,  ∂v = ax gd + 2 g_n2 v,  ∂μ += g_mm m + k_μ g − gd − B gm,
+    # ∂β += k_β g + g_mb m: each a per-pixel combination of d, g, μ, β (and v)
+    gm_mu = g_mm - two_gq * B
+    p_d = A * two_gq * A + two_gd2
+    p_g = A * k_w
+    p_mu = A * gm_mu
+    p_b = A * g_mb
+    amu_d = g_mm * A - p_d - B * two_gq * A
+    amu_g = k_mu - p_g - B * k_w
+    amu_mu = -(g_mm * B) - p_mu - B * gm_mu
+    amu_b = -p_b - B * g_mb
+    ab_d, ab_g, ab_mu = g_mb * A, k_b, -(g_mb * B)
+    sd = _chan_sums(d, torch.cat([amu_d, ab_d], dim=1))
+    sg = _chan_sums(g, torch.cat([amu_g, ab_g], dim=1))
+    grad_mu = sd[0] + sg[0] + amu_mu.sum() * mu + amu_b.sum() * beta
+    grad_beta = sd[1] + sg[1] + ab_mu.sum() * mu
+    dmu_g, dbeta_g, g_r = _reduce_globals(G, k, mu, beta)
+    grad_mu, grad_beta = grad_mu + dmu_g, grad_beta + dbeta_g
+
+    def grad_v(extra_basis=None, extra_coef=None, extra_v=None) -> Tensor:
+        basis = torch.stack([mu, beta])
+        coef = torch.cat([ax * p_mu, ax * p_b], dim=1)
+        if extra_basis is not None:
+            basis = torch.cat([basis, extra_basis])
+            coef = torch.cat([coef, extra_coef], dim=1)
+        cv = 2 * g_n2 if extra_v is None else 2 * g_n2 + extra_v
+        out = torch.addcmul(_combine(basis, coef), ax * p_d, d)
+        out = out.addcmul_(ax * p_g, g)
+        return out.addcmul_(cv, v)
+
+    return grad_v, grad_mu, grad_beta, g_r, s
+
+
+# ------------------------------------------------------------------ [C]-sized train-mode maths
+def midpoint(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
+    """``μ`` from the sums (the closed form's ``midpoint_from_sums``), with its intermediates."""
+    z = Scalars()
+    z.s1 = s1
+    z.s0 = s0
+    z.c = c
+    z.den0 = s0 - count / 2
+    z.den = z.den0.clamp_min(MIN_NORM)
+    z.m = s1 / z.den
+    z.e = 1 - c * z.m.dot(z.m)
+    z.sq = z.e.clamp_min(MIN_NORM).sqrt()
+    z.dd = 1 + z.sq
+    z.mu0 = z.m / z.dd
+    z.radius = (1 - proj_eps) / c**0.5
+    z.norm0 = z.mu0.norm()
+    z.normc = z.norm0.clamp_min(MIN_NORM)
+    z.proj = z.normc > z.radius
+    z.mu = torch.where(z.proj, z.mu0 / z.normc * z.radius, z.mu0)
+    return z
+
+
+def midpoint_back(z, g_mu: Tensor) -> tuple[Tensor, Tensor]:
+    """Adjoint of μ → adjoints of ``(Σγ²x [C], Σγ²)``."""
+    g_normc = -(g_mu * z.mu0).sum() * z.radius / (z.normc * z.normc)
+    g_normc = torch.where(z.norm0 >= MIN_NORM, g_normc, torch.zeros_like(g_normc))
+    g_mu0 = torch.where(z.proj, g_mu * z.radius / z.normc + g_normc * z.mu0 / z.norm0, g_mu)
+    g_m = g_mu0 / z.dd
+    g_dd = -(g_mu0 * z.m).sum() / (z.dd * z.dd)
+    g_e = torch.where(z.e >= MIN_NORM, g_dd / (2 * z.sq), torch.zeros_like(g_dd))
+    g_m = g_m + 2 * z.m * (-z.c * g_e)
+    g_s1 = g_m / z.den
+    g_den = -(g_m * z.s1).sum() / (z.den * z.den)
+    g_s0 = torch.where(z.den0 >= MIN_NORM, g_den, torch.zeros_like(g_den))
+    return g_s1, g_s0
+
+
+def _gamma_weight(s) -> tuple[Tensor, Tensor]:
+    """``(γ², γ²·ax)`` per pixel, ``γ² = 1/(1 − c‖x‖²)`` (clamped)."""
+    g2 = 1 / s.omx.clamp_min(MIN_NORM)
+    return g2, g2 * s.ax
+
+
+def midpoint_sums(v: Tensor, s) -> tuple[Tensor, Tensor]:
+    """``(Σ γ² x [C], Σ γ²)`` from the stage-1 scalars of ``v``."""
+    g2, w = _gamma_weight(s)
+    return _chan_sums(v, w)[0], g2.sum()
+
+
+def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of :func:`midpoint_sums` as ``(w [B, 1, P], coefficient on v)``:
+    ``∂v = w·g_s1 + coef·v``."""
+    g2, w = _gamma_weight(s)
+    gvs = _proj(g_s1.view(1, -1), v)  # ⟨v, g_s1⟩ per pixel
+    g_g2 = g_s0 + gvs * s.ax
+    g_ax = gvs * g2
+    e_ok = s.omx >= MIN_NORM
+    g_th = _where0(e_ok, 2 * s.th * g2 * g2 * g_g2) + g_ax * s.inv_t
+    g_t = -(s.ax * s.inv_t * g_ax) + _where0(s.t <= k.t_max, g_th * (1 - s.th * s.th))
+    g_n2 = _where0(s.n2 >= _MN2, k.sc * g_t / (2 * s.n))
+    return w, 2 * g_n2
+
+
+def _scalar_consts(c: Scalar, t_max: float):
+    """The constants stage 1a needs (before μ exists)."""
+    k = Scalars()
+    k.c = c
+    k.sc = c**0.5
+    k.t_max = t_max
+    return k
+
+
+class TorchTrainBatchNorm(torch.autograd.Function):
+    """Batch norm with batch statistics: ``(v [B, C, P], β [C], weight, c) → (out, μ, σ²)``.
+
+    ``μ`` = gyromidpoint of ``x = expmap0(v)``, ``σ² = 4 Σ at² / (c N)``,
+    ``r = |weight| / √(σ² + eps)``; ``out`` as :func:`map_forward`. Saves ``v``, ``β``,
+    ``weight``, the midpoint sums and ``Σ at²``. μ and σ² are returned for the running
+    statistics only (not differentiable). ``c``: a float or a tensor that needs no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, v, beta, weight, c, bn_eps, proj_eps, t_max):  # type: ignore[override]
+        k0 = _scalar_consts(c, t_max)
+        s = _stage1a(_sq(v), k0)
+        s1, s0 = midpoint_sums(v, s)
+        count = v.shape[0] * v.shape[2]
+        z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
+        mu = z.mu.to(v.dtype)
+        k = consts(mu, beta, c, t_max, proj_eps, None)
+        s, d = front(v, mu, beta, k, stage1=s)  # the variance and the output share d
+        stage2(s, k, out=False)
+        S = s.at.square().sum()
+        var = S.double() * (4 / c) / count
+        k.r = (weight.double().abs().reshape(-1)[0] / torch.sqrt(var + bn_eps)).to(v.dtype)
+        stage2(s, k)
+        out = _output(s, d, mu, beta)
+        ctx.save_for_backward(v, beta, weight, s1, s0, S)
+        ctx.args = (c, bn_eps, proj_eps, t_max)
+        var = var.to(v.dtype)
+        ctx.mark_non_differentiable(mu, var)
+        return out, mu, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mu, _grad_var):  # type: ignore[override]
+        v, beta, weight, s1, s0, S = ctx.saved_tensors
+        c, bn_eps, proj_eps, t_max = ctx.args
+        count = v.shape[0] * v.shape[2]
+        z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
+        mu = z.mu.to(v.dtype)
+        var = S.double() * (4 / c) / count
+        w = weight.double().reshape(-1)[0]
+        sd = torch.sqrt(var + bn_eps)
+        r = w.abs() / sd
+        k = consts(mu, beta, c, t_max, proj_eps, r.to(v.dtype))
+        box = {}
+
+        def var_seed(g_r: Tensor) -> Tensor:
+            g_r = g_r.double()
+            box["g_w"] = g_r * torch.sign(w) / sd
+            g_var = -g_r * r / (2 * (var + bn_eps))
+            return (g_var * 4 / (c * count)).to(v.dtype)
+
+        grad_v, g_mu, g_beta, _, s = map_backward(v, grad, mu, beta, k, var_seed)
+        g_s1, g_s0 = midpoint_back(z, g_mu.double())
+        g_s1 = g_s1.to(v.dtype)
+        w_mid, cv_mid = midpoint_sums_back(v, s, k, g_s1, g_s0.to(v.dtype))
+        gv = grad_v(g_s1.view(1, -1), w_mid, cv_mid) if ctx.needs_input_grad[0] else None
+        g_w = box["g_w"].to(weight.dtype).expand(weight.shape).clone()
+        return gv, g_beta, g_w, None, None, None, None
+
+
+class TorchBatchNormMap(torch.autograd.Function):
+    """``(v [B, C, P], μ, β, r, c) → logmap0(β ⊕ gyr[β, −μ](r ⊗ project((−μ) ⊕ expmap0(v))))``
+    with given statistics (``r = |weight| / √(σ² + eps)``, a one-element tensor). Saves its
+    inputs only."""
+
+    @staticmethod
+    def forward(ctx, v, mu, beta, r, c, t_max, proj_eps):  # type: ignore[override]
+        ctx.save_for_backward(v, mu, beta, r)
+        ctx.args = (c, t_max, proj_eps)
+        k = consts(mu, beta, c, t_max, proj_eps, r.reshape(-1)[0])
+        return map_forward(v, mu, beta, k)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        v, mu, beta, r = ctx.saved_tensors
+        c, t_max, proj_eps = ctx.args
+        k = consts(mu, beta, c, t_max, proj_eps, r.reshape(-1)[0])
+        grad_v, g_mu, g_beta, g_r, _ = map_backward(v, grad, mu, beta, k)
+        gv = grad_v() if ctx.needs_input_grad[0] else None
+        return gv, g_mu, g_beta, g_r.reshape(r.shape), None, None, None
+
+
+def torch_batchnorm_applicable(v: Tensor, c, all_reduce) -> bool:
+    """Whether :func:`torch_batchnorm` handles this call: a 4-D float map, a fixed curvature
+    or one that needs no gradient, no cross-process reduction (synchronised batch norm keeps
+    the autograd closed form, whose all-reduce is differentiable)."""
+    if all_reduce is not None or v.dim() != 4 or v.dtype not in (torch.float32, torch.float64):
+        return False
+    if isinstance(c, Tensor):
+        return c.numel() == 1 and not c.requires_grad
+    return isinstance(c, (float, int)) and not isinstance(c, bool)
+
+
+def torch_batchnorm(
+    v: Tensor,
+    mu: Tensor | None,
+    beta_t: Tensor,
+    weight: Tensor,
+    var: Tensor | None,
+    c: Scalar,
+    bn_eps: float,
+    proj_eps: float,
+    t_max: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`._kernels.batchnorm_forward` by the functions above: ``(out, μ, σ², N)``.
+
+    ``mu``/``var`` ``None``: batch statistics (gradients flow through them into ``v``; the
+    returned μ and σ² are detached); otherwise the given running statistics."""
+    from ._kernels import batchnorm_forward
+
+    if isinstance(c, Tensor):
+        c = c.reshape(()).to(v.dtype)
+    else:
+        c = float(c)
+    if (mu is None) != (var is None):  # one batch statistic and one given: not a layer's case
+        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
+    shape = v.shape
+    v = v.reshape(shape[0], shape[1], -1).contiguous()
+    dtype = v.dtype
+    bt = beta_t.to(dtype)
+    beta = bt * _radial_factor(bt.dot(bt), c, t_max)
+    if mu is None:
+        out, mu, var = TorchTrainBatchNorm.apply(v, beta, weight, c, bn_eps, proj_eps, t_max)
+        count = torch.full((), float(v.shape[0] * v.shape[2]), dtype=dtype, device=v.device)
+        return out.view(shape), mu, var, count
+    mu = mu.reshape(-1).to(dtype)
+    r = (weight.to(dtype).abs() / torch.sqrt(var.to(dtype) + bn_eps)).reshape(-1)[:1]
+    out = TorchBatchNormMap.apply(v, mu, beta, r, c, t_max, proj_eps)
+    return out.view(shape), mu, var, None
+
+
+def _radial_factor(n2: Tensor, c: Scalar, t_max: float) -> Tensor:
+    """``α`` with ``expmap0(b) = α b`` for ``‖b‖² = n2`` (plain autograd: [C]-sized)."""
+    sc = c**0.5
+    n = n2.clamp_min(_MN2).sqrt()
+    return torch.tanh((sc * n).clamp_max(t_max)) / (sc * n)
