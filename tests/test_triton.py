@@ -473,3 +473,49 @@ def test_applicable(tk):
         assert not tk.applicable(x, c=1.0)  # CPU tensors need the interpreter
     finally:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_layers_dispatch_to_triton(tk, monkeypatch, train):
+    """The layers reach the Triton kernels through ``nn._dispatch`` (CUDA tensors there; CPU
+    tensors under the interpreter here) and give the PyTorch path's values and gradients."""
+    from poincare_resnet import nn as pnn
+    from poincare_resnet.nn import _dispatch
+
+    torch.manual_seed(0)
+    conv = pnn.PoincareConv2d(3, 5, 3, padding=1, c=0.3)
+    bn = pnn.PoincareBatchNorm2d(5, c=0.3)
+    block = pnn.PoincareResidual(c=0.3)
+    conv, bn = conv.double(), bn.double()  # float64: the two paths must agree to rounding
+    bn.train(train)
+    if not train:
+        bn.running_var.fill_(0.7)
+
+    def run():
+        x = (torch.randn(2, 3, 6, 5, dtype=torch.float64) * 0.5).requires_grad_()
+        torch.manual_seed(1)
+        y = bn(conv(x))
+        out = block(y, y.flip(0), alpha=0.5)
+        out.pow(2).sum().backward()
+        grads = [x.grad] + [p.grad.clone() for p in (*conv.parameters(), *bn.parameters())]
+        for p in (*conv.parameters(), *bn.parameters()):
+            p.grad = None
+        return out.detach(), grads
+
+    torch.manual_seed(2)
+    ref_out, ref_grads = run()
+    calls = []
+    for name in ("fc_tangent", "batchnorm", "residual"):
+        real = getattr(_dispatch._triton, name)
+        monkeypatch.setattr(
+            _dispatch._triton,
+            name,
+            lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k),
+        )
+    monkeypatch.setattr(_dispatch, "_TRITON_ON_CPU", True)
+    torch.manual_seed(2)
+    out, grads = run()
+    assert sorted(set(calls)) == ["batchnorm", "fc_tangent", "residual"]
+    assert rel_err(out, ref_out) <= 1e-10
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g, r) <= 1e-9
