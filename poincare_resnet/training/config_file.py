@@ -123,16 +123,25 @@ def _type_name(tp: Any) -> str:
     return " or ".join(names + (["null"] if nullable else []))
 
 
+# what a run's own config.json holds besides the options: the tool's marker and the resolved
+# model record (for --overwrite and --resume); a config file may carry them and they are skipped
+RUN_RECORD_KEYS = frozenset({"tool", "format_version", "model_name", "model_config"})
+
+
 def check_config_dict(data: dict[str, Any], source: str = "config") -> dict[str, Any]:
     """Check ``data`` against :class:`TrainConfig`'s fields and types.
 
-    Keys may use ``-`` or ``_``. ``bool`` is not accepted for numeric fields, nor a number for a
-    ``bool`` field. Returns a new dict with underscore keys.
+    Keys may use ``-`` or ``_``. The run record's own keys (:data:`RUN_RECORD_KEYS`, written to
+    ``config.json`` next to the options) are skipped: the repeated run builds its network from
+    ``model`` and ``model_kwargs`` with today's registry defaults. ``bool`` is not accepted for
+    numeric fields, nor a number for a ``bool`` field. Returns a new dict with underscore keys.
     """
     types = _field_types()
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        if key in RUN_RECORD_KEYS:
+            continue
         if key not in types:
             close = difflib.get_close_matches(key, list(types), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
