@@ -115,6 +115,24 @@ def load_kernel(name: str) -> ModuleType | None:
         return module
 
 
+def native_op(name: str, schema: str):
+    """``torch.library.custom_op("poincare_resnet::<name>")`` with an explicit ``schema`` (so
+    that the scalar arguments several ops share are written once, as a schema fragment) and no
+    mutated arguments: the decorator of every native op in ``*_ops.py``."""
+    return torch.library.custom_op(f"poincare_resnet::{name}", mutates_args=(), schema=schema)
+
+
+def scalar_arg(t: torch.Tensor, name: str) -> float:
+    """The value of a one-element tensor argument of an op (``ValueError`` for another size).
+
+    Scalars that are tensors in the model (the batch-norm ``weight``, the rescale ``r``, the
+    residual scale ``alpha``) travel into the ops as tensors and are read here, inside the op,
+    so that a traced program has no host reads."""
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return float(t.reshape(-1)[0])
+
+
 def check_same_device(op: str, lead: str, tensors: dict[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` naming the first tensor in ``tensors`` on another device than the
     one named ``lead``: the custom ops' fake (meta) implementations run this, since a meta

@@ -27,23 +27,24 @@ with a ``<impl>_<map>_applicable`` test where one is needed.
 
 Process-wide switches and what a compiled graph bakes in
 --------------------------------------------------------
-Four settings change which implementation runs or which constants it uses:
+Three settings change which implementation a compiled graph holds or which constants it bakes
+in, and an environment variable seeds one of them:
 
 * :func:`poincare_resnet.ball.set_eps` (the projection ε per dtype, and with it the tangent
-  radius ``artanh(1 − ε)``),
+  radius ``artanh(1 − ε)``);
 * :func:`poincare_resnet.ball.set_manual_backward` (hand-written backward passes or plain
-  autograd),
-* :func:`poincare_resnet._cpp.set_native` (environment variable ``POINCARE_RESNET_NATIVE``,
-  read once at import),
-* :func:`set_triton` (environment variable ``POINCARE_RESNET_TRITON``, read once at import).
+  autograd);
+* :func:`poincare_resnet._cpp.set_native`, seeded by ``POINCARE_RESNET_NATIVE`` (read once, at
+  import: setting the variable later has no effect).
 
-A ``torch.compile`` graph reads each of them while it is traced, and dynamo guards the values it
-read: changing one after compiling makes the next call recompile rather than run a stale graph
+``torch.compile`` reads each of them while it traces, and dynamo guards the values it read:
+changing one after compiling makes the next call recompile instead of running a stale graph
 (``tests/test_dispatch.py`` checks each). Set them before compiling all the same: every change
 costs a recompilation, and ``torch._dynamo.config.recompile_limit`` bounds how many a function
-gets. The environment variables only seed the switches: setting them after import has no
-effect. Whether a native kernel *could be built* is asked once per process and per kernel
+gets. Whether a native kernel *could be built* is asked once per process and kernel
 (:func:`poincare_resnet._cpp.native_available`) and is a constant of the graph.
+:func:`set_triton` (seeded by ``POINCARE_RESNET_TRITON``) affects eager calls only: a traced
+graph never takes the Triton kernels, and is not guarded on the switch.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def set_triton(enabled: bool) -> None:
 def use_triton(*tensors: Tensor, c, kind: str | None = None) -> bool:
     """Whether the Triton kernels take this call: enabled, eager, CUDA (or, for tests, CPU
     tensors under the interpreter), and :func:`._triton.applicable`."""
-    if not _TRITON["enabled"] or torch.compiler.is_compiling():
+    # is_compiling first: a traced graph never takes Triton, so it must not guard on the switch
+    if torch.compiler.is_compiling() or not _TRITON["enabled"]:
         return False
     t = tensors[0]
     if not (t.is_cuda or (_TRITON_ON_CPU and t.device.type == "cpu")):

@@ -34,23 +34,11 @@ from ...ball.config import MIN_NORM
 from .._kernels import _radial, midpoint_from_sums
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
+from ._tiles import channel_column, dense_like, grad_map, program_block, store_tile, tile, tile0
 
 BLOCK_P = 32
 BLOCK_C = 32
 N_GLOBALS = 7  # adjoints of ‖μ‖², ‖β‖², ⟨β, μ⟩, gd, 1 − c‖β‖², ⟨u, v⟩ of the gyration, r
-
-
-@triton.jit
-def _tile0(ptr, b, ch, pix, sb, sc, sp, C, P):
-    """:func:`_tile`'s values only."""
-    return _tile(ptr, b, ch, pix, sb, sc, sp, C, P)[0]
-
-
-@triton.jit
-def _tile(ptr, b, ch, pix, sb, sc, sp, C, P):
-    mask = (ch[:, None] < C) & (pix[None, :] < P)
-    offs = b * sb + ch[:, None].to(tl.int64) * sc + pix[None, :].to(tl.int64) * sp
-    return tl.load(ptr + offs, mask=mask, other=0.0), mask
 
 
 @triton.jit
@@ -74,16 +62,16 @@ def _front(
     n2, vm, vb, g_mu, g_b, g_v = zero, zero, zero, zero, zero, zero
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         n2 += tl.sum(x * x, axis=0)
         if DOTS:
-            muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
+            muc = channel_column(mu_ptr, ch, C)
             vm += tl.sum(x * muc, axis=0)
             if HAS_BETA:
-                bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
+                bc = channel_column(be_ptr, ch, C)
                 vb += tl.sum(x * bc, axis=0)
             if HAS_G:
-                g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+                g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_mu += tl.sum(g * muc, axis=0)
                 g_b += tl.sum(g * bc, axis=0)
                 g_v += tl.sum(g * x, axis=0)
@@ -97,18 +85,18 @@ def _front(
     d2, dmu, db, dv, g_d = zero, zero, zero, zero, zero
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        muc = channel_column(mu_ptr, ch, C)
         d = tl.where(mask, ax[None, :] * x - muc, 0.0)
         d2 += tl.sum(d * d, axis=0)
         dmu += tl.sum(d * muc, axis=0)
         if HAS_BETA:
-            bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
+            bc = channel_column(be_ptr, ch, C)
             db += tl.sum(d * bc, axis=0)
         if DOTS:
             dv += tl.sum(d * x, axis=0)
             if HAS_G:
-                g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+                g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_d += tl.sum(g * d, axis=0)
     # stage 1b: m = A d − B μ, and the products of m from those of d
     omm = 1.0 - C_ * m2
@@ -302,36 +290,12 @@ def bn_out_kernel(
     C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, S_MAX: tl.constexpr,
     MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     m2, b2, bm, r = _globals(glob_ptr, r_ptr, BLOCK_P)
     s1, dots = _front(
-        v_ptr,
-        mu_ptr,
-        be_ptr,
-        v_ptr,
-        b,
-        pix,
-        vsb,
-        vsc,
-        vsp,
-        vsb,
-        vsc,
-        vsp,
-        C,
-        P,
-        m2,
-        bm,
-        C_,
-        SC,
-        T_MAX,
-        MN,
-        True,
-        False,
-        False,
-        BLOCK_C,
-        BLOCK_P,
-    )
+        v_ptr, mu_ptr, be_ptr, v_ptr, b, pix, vsb, vsc, vsp, vsb, vsc, vsp, C, P, m2, bm, C_, SC,
+        T_MAX, MN, True, False, False, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     ax, A, B = s1[5], s1[10], s1[11]
     q, mm, mb = dots[9], dots[10], dots[11]
     head, tail, outs = _stage2(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, True)
@@ -339,13 +303,12 @@ def bn_out_kernel(
     k_mu, k_b, k_w = lg * o_mu, lg * o_b, lg * o_w
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
-        bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        muc = channel_column(mu_ptr, ch, C)
+        bc = channel_column(be_ptr, ch, C)
         m = A[None, :] * (ax[None, :] * x - muc) - B[None, :] * muc
         out = k_mu[None, :] * muc + k_b[None, :] * bc + k_w[None, :] * m
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(o_ptr + offs, out, mask=mask)
+        store_tile(o_ptr, b, ch, pix, osb, osc, osp, out, mask)
 
 
 @triton.jit
@@ -354,37 +317,12 @@ def bn_var_kernel(
     C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, S_MAX: tl.constexpr,
     MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     m2 = _globals(glob_ptr, glob_ptr, BLOCK_P)[0]
     s1, dots = _front(
-        v_ptr,
-        mu_ptr,
-        mu_ptr,
-        v_ptr,
-        b,
-        pix,
-        vsb,
-        vsc,
-        vsp,
-        vsb,
-        vsc,
-        vsp,
-        C,
-        P,
-        m2,
-        m2,
-        C_,
-        SC,
-        T_MAX,
-        MN,
-        False,
-        False,
-        False,
-        BLOCK_C,
-        BLOCK_P,
-    )
+        v_ptr, mu_ptr, mu_ptr, v_ptr, b, pix, vsb, vsc, vsp, vsb, vsc, vsp, C, P, m2, m2, C_, SC,
+        T_MAX, MN, False, False, False, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     head = _stage2(dots[9], dots[10], dots[11], m2, m2, m2, m2, C_, SC, S_MAX, MN, False)[0]
     at = head[5]
     tl.store(part_ptr + pid, tl.sum(tl.where(pix < P, at * at, 0.0), axis=0))
@@ -399,38 +337,13 @@ def bn_bwd_kernel(
 ):  # fmt: skip
     """Gradients of ⟨g, out⟩ (KOUT) or of g_S · Σ at² (not KOUT) w.r.t. v, μ, β and the
     globals; ``part [programs, 2C + 7]``: per-program sums of the μ, β and global adjoints."""
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     pm = pix < P
     m2, b2, bm, r = _globals(glob_ptr, r_ptr, BLOCK_P)
     s1, dots = _front(
-        v_ptr,
-        mu_ptr,
-        be_ptr,
-        g_ptr,
-        b,
-        pix,
-        vsb,
-        vsc,
-        vsp,
-        gsb,
-        gsc,
-        gsp,
-        C,
-        P,
-        m2,
-        bm,
-        C_,
-        SC,
-        T_MAX,
-        MN,
-        KOUT,
-        True,
-        KOUT,
-        BLOCK_C,
-        BLOCK_P,
-    )
+        v_ptr, mu_ptr, be_ptr, g_ptr, b, pix, vsb, vsc, vsp, gsb, gsc, gsp, C, P, m2, bm, C_, SC,
+        T_MAX, MN, KOUT, True, KOUT, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     dmu, db, dv, vm, vb, g_mu, g_b, g_v, g_d, q, mm, mb, md, mv, g_m = dots
     ax, A, B = s1[5], s1[10], s1[11]
     head, tail, outs = _stage2(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, KOUT)
@@ -453,14 +366,14 @@ def bn_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         cm = ch < C
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         muc = tl.load(mu_ptr + ch, mask=cm, other=0.0)[:, None]
         d = ax[None, :] * x - muc
         m = A[None, :] * d - B[None, :] * muc
         gm = two_gq[None, :] * m + g_mm[None, :] * muc
         amu = g_mm[None, :] * m
         if KOUT:
-            g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+            g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
             bc = tl.load(be_ptr + ch, mask=cm, other=0.0)[:, None]
             gm += k_w[None, :] * g + g_mb[None, :] * bc
             amu += k_mu[None, :] * g
@@ -474,8 +387,7 @@ def bn_bwd_kernel(
         amu += -gd - B[None, :] * gm
         tl.store(part_ptr + pid * (2 * C + 7) + ch, tl.sum(tl.where(mask, amu, 0.0), 1), mask=cm)
         gv = ax[None, :] * gd + two_gn2[None, :] * x
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(gv_ptr + offs, gv, mask=mask)
+        store_tile(gv_ptr, b, ch, pix, osb, osc, osp, gv, mask)
     base = part_ptr + pid * (2 * C + 7) + 2 * C
     tl.store(base, tl.sum(tl.where(pm, G[0] + gm2_omm, 0.0), 0))
     for i in tl.static_range(1, 7):
@@ -488,14 +400,12 @@ def mid_fwd_kernel(
     MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """``part [programs, C + 1]``: per-program ``Σ γ² ax v`` and ``Σ γ²``."""
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     pm = pix < P
     n2 = tl.zeros([BLOCK_P], tl.load(v_ptr).dtype)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         n2 += tl.sum(x * x, axis=0)
     t = SC * tl.sqrt(tl.maximum(n2, MN * MN))
     th = tanh_pos(tl.minimum(t, T_MAX))
@@ -503,7 +413,7 @@ def mid_fwd_kernel(
     w = tl.where(pm, g2 * th / t, 0.0)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         tl.store(part_ptr + pid * (C + 1) + ch, tl.sum(x * w[None, :], 1), mask=ch < C)
     tl.store(part_ptr + pid * (C + 1) + C, tl.sum(tl.where(pm, g2, 0.0), 0))
 
@@ -514,15 +424,14 @@ def mid_bwd_kernel(
     SC: tl.constexpr, T_MAX: tl.constexpr, MN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     g_s0 = tl.load(gs0_ptr)
     n2 = tl.zeros([BLOCK_P], g_s0.dtype)
     gv = tl.zeros([BLOCK_P], g_s0.dtype)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        gs1 = tl.load(gs1_ptr + ch, mask=ch < C, other=0.0)[:, None]
+        x = tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        gs1 = channel_column(gs1_ptr, ch, C)
         n2 += tl.sum(x * x, axis=0)
         gv += tl.sum(x * gs1, axis=0)
     n = tl.sqrt(tl.maximum(n2, MN * MN))
@@ -539,31 +448,13 @@ def mid_bwd_kernel(
     two_gn2 = tl.where(n2 >= MN * MN, SC * g_t / n, 0.0)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        gs1 = tl.load(gs1_ptr + ch, mask=ch < C, other=0.0)[:, None]
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(gv_ptr + offs, w[None, :] * gs1 + two_gn2[None, :] * x, mask=mask)
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        gs1 = channel_column(gs1_ptr, ch, C)
+        store_tile(gv_ptr, b, ch, pix, osb, osc, osp, w[None, :] * gs1 + two_gn2[None, :] * x, mask)
 
 
 def _consts(c: float, proj_eps: float, t_max: float) -> dict:
     return dict(C_=c, SC=c**0.5, T_MAX=float(t_max), S_MAX=1.0 - float(proj_eps), MN=MIN_NORM)
-
-
-def _dense_like(t: Tensor):
-    out = torch.empty_like(t)
-    lay = layout_or_none(out)
-    if lay is None:
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        lay = layout_or_none(out)
-    return out, lay
-
-
-def _grad_map(grad: Tensor, like: Tensor):
-    lay = layout_or_none(grad)
-    if lay is None or grad.shape != like.shape:
-        grad = grad.expand(like.shape).contiguous()
-        lay = layout_or_none(grad)
-    return grad, lay
 
 
 class MidpointSums(torch.autograd.Function):
@@ -590,7 +481,7 @@ class MidpointSums(torch.autograd.Function):
         lv = layout_or_none(v)
         g_s1 = torch.zeros(lv.c, dtype=v.dtype, device=v.device) if g_s1 is None else g_s1
         g_s0 = torch.zeros(1, dtype=v.dtype, device=v.device) if g_s0 is None else g_s0
-        grad_v, lo = _dense_like(v)
+        grad_v, lo = dense_like(v)
         mid_bwd_kernel[(lv.b, pixel_blocks(lv, BLOCK_P))](
             v, g_s1.contiguous(), g_s0.contiguous(), grad_v, lv.sb, lv.sc, lv.sp,
             lo.sb, lo.sc, lo.sp, lv.c, lv.p,
@@ -604,10 +495,10 @@ def _bn_backward(v, mu, beta, glob, r, grad, g_s, args, kout):
     c, proj_eps, t_max, block_c = args
     lv = layout_or_none(v)
     if kout:
-        grad, lg = _grad_map(grad, v)
+        grad, lg = grad_map(grad, v)
     else:
         grad, lg = v, lv
-    grad_v, lo = _dense_like(v)
+    grad_v, lo = dense_like(v)
     nblk = pixel_blocks(lv, BLOCK_P)
     width = 2 * lv.c + N_GLOBALS
     part = torch.zeros(lv.b * nblk, width, dtype=v.dtype, device=v.device)
@@ -664,7 +555,7 @@ class BatchNormMap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, mu, beta, r, glob, c, proj_eps, t_max, block_c):  # type: ignore[override]
         lv = layout_or_none(v)
-        out, lo = _dense_like(v)
+        out, lo = dense_like(v)
         bn_out_kernel[(lv.b, pixel_blocks(lv, BLOCK_P))](
             v, mu, beta, glob, r, out, lv.sb, lv.sc, lv.sp, lo.sb, lo.sc, lo.sp, lv.c, lv.p,
             **_consts(c, proj_eps, t_max), BLOCK_C=block_c, BLOCK_P=BLOCK_P,
