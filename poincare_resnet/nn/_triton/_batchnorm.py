@@ -31,7 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ball.config import MIN_NORM
-from .._kernels import _radial, midpoint_from_sums
+from .._batchnorm_front import centre, rescale
+from .._kernels import midpoint_from_sums
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
 from ._tiles import channel_column, dense_like, grad_map, program_block, store_tile, tile, tile0
@@ -602,7 +603,6 @@ def batchnorm(
         )
     if weight.device != v.device:
         raise ValueError(f"weight must be on {v.device}, got {weight.device}")
-    sc = c**0.5
     count = None
     n_pix = lv.b * lv.p
     mu_given, var_given = mu, var  # returned as given, as the closed form does
@@ -622,9 +622,8 @@ def batchnorm(
         if not isinstance(var, Tensor) or var.numel() != 1:
             raise ValueError(f"var must be a one-element tensor, got {getattr(var, 'shape', var)}")
         var = var.to(v.dtype)
-    b_alpha, _ = _radial(beta_t.pow(2).sum(), sc, t_max)  # β = expmap0(bias)
-    beta = beta_t * b_alpha
-    r = (weight.abs().to(v.dtype) / torch.sqrt(var + bn_eps)).reshape(1)
+    beta = centre(beta_t, c, t_max)  # β = expmap0(bias)
+    r = rescale(var, weight.to(v.dtype), bn_eps)  # |weight| / √(σ² + eps), [1]
     glob = torch.stack([m2, beta.pow(2).sum(), (beta * mu).sum()])
     out = BatchNormMap.apply(v, mu, beta, r, glob, c, proj_eps, t_max, block_c)
     return (
