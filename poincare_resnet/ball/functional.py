@@ -420,7 +420,9 @@ def fc_tangent(
 
     This is the fused core of :class:`~poincare_resnet.nn.PoincareLinear` and
     :class:`~poincare_resnet.nn.PoincareConv2d`: the contraction ⟨p, ẑ_k⟩ is an ordinary matmul or
-    convolution and everything else is element-wise.
+    convolution and everything else is element-wise. This function is the PyTorch path (any
+    device; no kernels): the layers call :func:`poincare_resnet.nn.fc_map.fc_tangent`, which runs
+    the native CPU or the Triton kernel where one applies and this function otherwise.
 
     Raises ``ValueError`` (naming the argument) for a ``znorm`` or ``bias`` that is not one value
     per output feature, an ``sq`` not of ``dots``' shape with size 1 along ``dim``, or another

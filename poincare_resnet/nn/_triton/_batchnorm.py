@@ -179,6 +179,23 @@ def _stage2(
 
 
 @triton.jit
+def _gram_adjoint(g, k_mu, k_w, k_b, m2, mm, bm, mnn, mb, b2):
+    """Adjoint of ``q = ‖k_μ μ + k_w m + k_β β‖²`` written over the Gram entries ``‖μ‖² = m2``,
+    ``⟨m, μ⟩ = mm``, ``⟨β, μ⟩ = bm``, ``‖m‖² = mnn``, ``⟨m, β⟩ = mb``, ``‖β‖² = b2``, given
+    ``g = ∂L/∂q``: ``∂L/∂(k_μ, k_w, k_β, m2, b2, bm, mnn, mm, mb)``."""
+    d_mu = 2.0 * g * (k_mu * m2 + k_w * mm + k_b * bm)
+    d_w = 2.0 * g * (k_w * mnn + k_mu * mm + k_b * mb)
+    d_b = 2.0 * g * (k_b * b2 + k_mu * bm + k_w * mb)
+    d_m2 = g * k_mu * k_mu
+    d_b2 = g * k_b * k_b
+    d_bm = 2.0 * g * k_mu * k_b
+    d_mnn = g * k_w * k_w
+    d_mm = 2.0 * g * k_mu * k_w
+    d_mb = 2.0 * g * k_w * k_b
+    return d_mu, d_w, d_b, d_m2, d_b2, d_bm, d_mnn, d_mm, d_mb
+
+
+@triton.jit
 def _stage2_back(
     q, mm, mb, m2, b2, bm, r, head, tail, outs, g_kmu, g_kb, g_kw, g_at_seed,
     C_: tl.constexpr, SC: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr,
@@ -202,15 +219,10 @@ def _stage2_back(
         g_scon += tl.where(scon <= S_MAX, g_s, 0.0)
         g_on = SC * g_scon
         g_o2 = tl.where(o2 >= MN * MN, g_on / (2.0 * on), 0.0)
-        g_omu += 2.0 * g_o2 * (o_mu * m2 + o_w * mm + o_b * bm)
-        g_ow += 2.0 * g_o2 * (o_w * mnn + o_mu * mm + o_b * mb)
-        g_ob += 2.0 * g_o2 * (o_b * b2 + o_mu * bm + o_w * mb)
-        G_m2 += g_o2 * o_mu * o_mu
-        G_b2 += g_o2 * o_b * o_b
-        G_bm += 2.0 * g_o2 * o_mu * o_b
-        g_mnn = g_o2 * o_w * o_w
-        g_mm = 2.0 * g_o2 * o_mu * o_w
-        g_mb = 2.0 * g_o2 * o_w * o_b
+        qo = _gram_adjoint(g_o2, o_mu, o_w, o_b, m2, mm, bm, mnn, mb, b2)  # o2 = ‖o‖²
+        g_omu, g_ow, g_ob = g_omu + qo[0], g_ow + qo[1], g_ob + qo[2]
+        G_m2, G_b2, G_bm = G_m2 + qo[3], G_b2 + qo[4], G_bm + qo[5]
+        g_mnn, g_mm, g_mb = qo[6], qo[7], qo[8]
         inv = inv_den2
         g_a2 = g_ob * inv
         g_eb = g_ob * big_b2 * inv
@@ -222,15 +234,10 @@ def _stage2_back(
         g_bw = 2.0 * C_ * (g_d2r + g_a2)
         g_w2 = (C_ * C_) * b2 * g_d2r + C_ * g_a2
         G_b2 += (C_ * C_) * w2 * g_d2r
-        g_emu += 2.0 * g_w2 * (e_mu * m2 + e_w * mm + e_b * bm)
-        g_ew += 2.0 * g_w2 * (e_w * mnn + e_mu * mm + e_b * mb)
-        g_eb += 2.0 * g_w2 * (e_b * b2 + e_mu * bm + e_w * mb)
-        G_m2 += g_w2 * e_mu * e_mu
-        G_b2 += g_w2 * e_b * e_b
-        G_bm += 2.0 * g_w2 * e_mu * e_b
-        g_mnn += g_w2 * e_w * e_w
-        g_mm += 2.0 * g_w2 * e_mu * e_w
-        g_mb += 2.0 * g_w2 * e_w * e_b
+        qw = _gram_adjoint(g_w2, e_mu, e_w, e_b, m2, mm, bm, mnn, mb, b2)  # w2 = ‖w'‖²
+        g_emu, g_ew, g_eb = g_emu + qw[0], g_ew + qw[1], g_eb + qw[2]
+        G_m2, G_b2, G_bm = G_m2 + qw[3], G_b2 + qw[4], G_bm + qw[5]
+        g_mnn, g_mm, g_mb = g_mnn + qw[6], g_mm + qw[7], g_mb + qw[8]
         g_emu += g_bw * bm
         g_ew += g_bw * mb
         g_eb += g_bw * b2
