@@ -312,7 +312,7 @@ def _capture_kernel_args(device: torch.device, s: Sizes) -> dict[str, tuple]:
     import poincare_resnet.nn.residual as res_mod
 
     captured: dict[str, tuple] = {}
-    hooks = [(bn_mod, "fused_batchnorm"), (fc_mod, "fused_fc_tangent"), (res_mod, "fused_residual")]
+    hooks = [(bn_mod, "batchnorm"), (fc_mod, "fc_tangent"), (res_mod, "residual")]
     originals = {(m, n): getattr(m, n) for m, n in hooks}
 
     def spy(key, fn):
@@ -327,7 +327,7 @@ def _capture_kernel_args(device: torch.device, s: Sizes) -> dict[str, tuple]:
 
     try:
         for m, n in hooks:
-            setattr(m, n, spy(n.removeprefix("fused_"), originals[(m, n)]))
+            setattr(m, n, spy(n, originals[(m, n)]))
         torch.manual_seed(0)
         model = create_model("poincare_resnet20", num_classes=10, in_chans=3, depth=s.depth)
         _perturb(model, 0)

@@ -326,16 +326,16 @@ def test_layer_native_on_and_off(dtype, native_switch):
 
 
 def test_layer_uses_native_path(monkeypatch):
-    from poincare_resnet.nn import _dispatch
+    from poincare_resnet.nn import batchnorm_map
 
     calls = []
-    original = _dispatch.native_batchnorm
+    original = batchnorm_map.native_batchnorm
 
     def spy(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(_dispatch, "native_batchnorm", spy)
+    monkeypatch.setattr(batchnorm_map, "native_batchnorm", spy)
     bn = PoincareBatchNorm2d(3, c=0.5)
     bn(torch.randn(2, 3, 4, 4))
     bn.eval()

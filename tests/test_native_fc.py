@@ -1,7 +1,8 @@
 """The native (C++) tangent FC kernel against the PyTorch implementation of the same formula.
 
 The native kernel runs for CPU maps along dim 1 with a fixed curvature; the PyTorch path
-(``poincare_resnet._cpp.set_native(False)``) is the reference here, and it is itself checked
+(``poincare_resnet._cpp.set_native(False)``, or :func:`poincare_resnet.ball.fc_tangent`, which is
+pure PyTorch) is the reference here, and it is itself checked
 against geoopt/mpmath oracles in ``test_ball.py``. Gradcheck (float64) runs on the native path.
 """
 
@@ -15,8 +16,9 @@ from torch.autograd import gradcheck
 
 import poincare_resnet._cpp as cpp
 from poincare_resnet import ball
-from poincare_resnet.ball import _autograd as F
-from poincare_resnet.nn import PoincareConv2d
+from poincare_resnet.nn import PoincareConv2d, _native_fc
+from poincare_resnet.nn._native_fc import native_fc_tangent_applicable as applicable
+from poincare_resnet.nn.fc_map import fc_tangent
 
 pytestmark = pytest.mark.skipif(
     cpp.load_kernel("fc") is None, reason="native FC kernel could not be built here"
@@ -50,18 +52,38 @@ def _inputs(shape, dtype, scale=1.0, seed=0):
 def _run(args, grad, c, enabled):
     leaves = [a.clone().requires_grad_() for a in args]
     with native(enabled):
-        out = ball.fc_tangent(*leaves, c=c, dim=1)
+        out = fc_tangent(*leaves, c, 1)
         out.backward(grad)
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 
 def test_native_path_is_taken():
     dots = torch.zeros(2, 3, 4, 4)
-    assert F._fc_native(dots, 0.1, 1) is not None
-    assert F._fc_native(dots, torch.tensor(0.1), 1) is None  # learnable c: PyTorch path
-    assert F._fc_native(dots.reshape(2, -1), 0.1, 1) is None  # 2-D: PyTorch path
+    assert applicable(dots, 0.1, 1)
+    assert not applicable(dots, torch.tensor(0.1), 1)  # learnable c: PyTorch path
+    assert not applicable(dots.reshape(2, -1), 0.1, 1)  # 2-D: PyTorch path
+    assert not applicable(dots, 0.1, -1)  # features not along dim 1
     with native(False):
-        assert F._fc_native(dots, 0.1, 1) is None
+        assert not applicable(dots, 0.1, 1)
+    with ball.manual_backward(False):  # plain autograd: the PyTorch chain
+        assert not applicable(dots, 0.1, 1)
+
+
+def test_layer_reaches_native_and_ball_stays_pure(monkeypatch):
+    """A conv layer runs the native Function (through ``nn.fc_map``); ``ball.fc_tangent`` is
+    pure maths and never does, whatever the native switch says."""
+    calls = []
+    real = _native_fc._NativeFC.apply
+    monkeypatch.setattr(_native_fc._NativeFC, "apply", lambda *a: calls.append(1) or real(*a))
+    args, _ = _inputs((2, 3, 4, 4), torch.float32)
+    with native(True):
+        want = ball.fc_tangent(*args, c=0.1, dim=1)
+        assert not calls
+        got = fc_tangent(*args, 0.1, 1)
+        assert len(calls) == 1
+        PoincareConv2d(3, 4, 3, padding=1)(torch.randn(2, 3, 5, 5))
+        assert len(calls) == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -103,8 +125,8 @@ def test_native_gradcheck(shape, scale):
     args, _ = _inputs(shape, torch.float64, scale=scale, seed=7)
     leaves = [a.requires_grad_() for a in args]
     with native(True):
-        assert F._fc_native(leaves[0], 0.3, 1) is not None
-        assert gradcheck(lambda *a: ball.fc_tangent(*a, c=0.3, dim=1), leaves)
+        assert applicable(leaves[0], 0.3, 1)
+        assert gradcheck(lambda *a: fc_tangent(*a, 0.3, 1), leaves)
 
 
 def test_native_gradcheck_selected_inputs():
@@ -114,7 +136,7 @@ def test_native_gradcheck_selected_inputs():
     sq.requires_grad_()
     bias.requires_grad_()
     with native(True):
-        assert gradcheck(lambda s, b: ball.fc_tangent(dots, s, znorm, b, c=0.5, dim=1), (sq, bias))
+        assert gradcheck(lambda s, b: fc_tangent(dots, s, znorm, b, 0.5, 1), (sq, bias))
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0), (2, 2)])

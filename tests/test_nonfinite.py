@@ -227,8 +227,8 @@ def test_fc_huge_argument_both_paths(dtype, path):
     """q = a·⟨p, ẑ⟩·cosh − e·sinh far beyond 1.8e19 (a huge ⟨p, ẑ⟩ with a small ‖p‖², a small
     ‖z‖ so that the output is not clamped): both paths give the float64 closed form (the native
     float32 asinh returned ≈ 88.7 there, the PyTorch path NaN)."""
-    from poincare_resnet import ball
-    from poincare_resnet.ball import _autograd as F
+    from poincare_resnet.nn._native_fc import native_fc_tangent_applicable
+    from poincare_resnet.nn.fc_map import fc_tangent
 
     dots = torch.full((2, 3, 4, 4), 0.2, dtype=dtype)
     dots[1, :, 2, 3] = torch.tensor([1e25, -3e30, 1e37], dtype=dtype)
@@ -236,8 +236,8 @@ def test_fc_huge_argument_both_paths(dtype, path):
     znorm = torch.tensor([0.05, 0.04, 0.03], dtype=dtype)
     bias = torch.zeros(3, dtype=dtype)
     if path == "native":
-        assert F._fc_native(dots, 0.1, 1) is not None
-    out = ball.fc_tangent(dots, sq, znorm, bias, c=0.1, dim=1)
+        assert native_fc_tangent_applicable(dots, 0.1, 1)
+    out = fc_tangent(dots, sq, znorm, bias, 0.1, 1)
     ref = _fc_reference(dots.double(), sq.double(), znorm.double(), bias.double(), 0.1, dtype)
     assert torch.isfinite(out).all()
     tol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -248,8 +248,8 @@ def test_fc_huge_argument_both_paths(dtype, path):
 def test_fc_nan_projection_gradient(dtype, path):
     """A NaN ⟨p, ẑ_k⟩ with a finite ‖p‖² (only q_k is NaN): the outputs at that position (all
     features: they share ‖ψ‖) and the gradient of that ⟨p, ẑ_k⟩ are NaN, the rest finite."""
-    from poincare_resnet import ball
-    from poincare_resnet.ball import _autograd as F
+    from poincare_resnet.nn._native_fc import native_fc_tangent_applicable
+    from poincare_resnet.nn.fc_map import fc_tangent
 
     g = torch.Generator().manual_seed(4)
     dots = (torch.randn(2, 3, 4, 4, generator=g, dtype=dtype) * 0.3).requires_grad_()
@@ -258,8 +258,8 @@ def test_fc_nan_projection_gradient(dtype, path):
     with torch.no_grad():
         dots[1, 2, 0, 1] = float("nan")
     if path == "native":
-        assert F._fc_native(dots, 0.1, 1) is not None
-    out = ball.fc_tangent(dots, sq, znorm, bias, c=0.1, dim=1)
+        assert native_fc_tangent_applicable(dots, 0.1, 1)
+    out = fc_tangent(dots, sq, znorm, bias, 0.1, 1)
     out.backward(torch.ones_like(out))
     assert out[1, :, 0, 1].isnan().all()
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, 1:]).all()

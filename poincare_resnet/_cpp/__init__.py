@@ -37,12 +37,28 @@ _ARCH_FLAGS = {
 
 
 def native_enabled() -> bool:
-    """Whether the native kernels are allowed (they are still built lazily)."""
+    """Whether the native kernels are allowed (they are still built lazily).
+
+    Returns
+    -------
+    bool
+        The switch of :func:`set_native` (initially ``POINCARE_RESNET_NATIVE``, read at import).
+    """
     return _enabled
 
 
 def set_native(enabled: bool) -> None:
-    """Allow (``True``, default) or forbid the native CPU kernels."""
+    """Allow (``True``, default) or forbid the native CPU kernels (process-wide).
+
+    A ``torch.compile`` graph traced before the change recompiles on its next call (dynamo
+    guards the switch); a recorded autograd graph still runs its backward with the kernels it
+    was built with (:func:`require_kernel`).
+
+    Parameters
+    ----------
+    enabled : bool
+        ``False`` sends every map to the PyTorch path.
+    """
     global _enabled
     _enabled = bool(enabled)
 
@@ -55,7 +71,17 @@ def kernel_loaded(name: str) -> bool:
 @torch.compiler.assume_constant_result
 def native_available(name: str) -> bool:
     """Whether kernel ``name`` can run (building it on first use). Under ``torch.compile`` the
-    call runs once at trace time and its answer is a constant of the compiled graph."""
+    call runs once at trace time and its answer is a constant of the compiled graph.
+
+    Parameters
+    ----------
+    name : str
+        ``"fc"``, ``"batchnorm"`` or ``"residual"`` (a source ``_cpp/<name>.cpp``).
+
+    Returns
+    -------
+    bool
+    """
     return load_kernel(name) is not None
 
 
@@ -80,7 +106,16 @@ def _build_flags() -> tuple[list[str], str]:
 def load_kernel(name: str) -> ModuleType | None:
     """Build (once, cached) and return the extension ``poincare_resnet/_cpp/{name}.cpp``.
 
-    Returns ``None`` (after one warning) when it cannot be built or native kernels are off.
+    Parameters
+    ----------
+    name : str
+        The kernel's source name (see :func:`available_kernels`).
+
+    Returns
+    -------
+    ModuleType or None
+        The loaded extension; ``None`` (after one warning) when it cannot be built or the
+        native kernels are off.
     """
     if not _enabled:
         return None
@@ -115,6 +150,24 @@ def load_kernel(name: str) -> ModuleType | None:
         return module
 
 
+def native_op(name: str, schema: str):
+    """``torch.library.custom_op("poincare_resnet::<name>")`` with an explicit ``schema`` (so
+    that the scalar arguments several ops share are written once, as a schema fragment) and no
+    mutated arguments: the decorator of every native op in ``*_ops.py``."""
+    return torch.library.custom_op(f"poincare_resnet::{name}", mutates_args=(), schema=schema)
+
+
+def scalar_arg(t: torch.Tensor, name: str) -> float:
+    """The value of a one-element tensor argument of an op (``ValueError`` for another size).
+
+    Scalars that are tensors in the model (the batch-norm ``weight``, the rescale ``r``, the
+    residual scale ``alpha``) travel into the ops as tensors and are read here, inside the op,
+    so that a traced program has no host reads."""
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have one element, got shape {tuple(t.shape)}")
+    return float(t.reshape(-1)[0])
+
+
 def check_same_device(op: str, lead: str, tensors: dict[str, torch.Tensor]) -> None:
     """Raise ``ValueError`` naming the first tensor in ``tensors`` on another device than the
     one named ``lead``: the custom ops' fake (meta) implementations run this, since a meta
@@ -131,7 +184,18 @@ def available_kernels() -> list[str]:
 
 
 def build_all(strict: bool = False) -> dict[str, bool]:
-    """Build every native kernel now (instead of on first use); ``strict`` raises if one fails."""
+    """Build every native kernel now (instead of on first use).
+
+    Parameters
+    ----------
+    strict : bool
+        Raise ``RuntimeError`` naming the kernels that could not be built.
+
+    Returns
+    -------
+    dict
+        ``{name: built}`` for every shipped kernel.
+    """
     built = {name: load_kernel(name) is not None for name in available_kernels()}
     if strict and not all(built.values()):
         missing = ", ".join(name for name, ok in built.items() if not ok)

@@ -315,9 +315,6 @@ class FullyConnectedTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(dots, sq, znorm, bias, c, dim):  # type: ignore[override]
-        native = _fc_native(dots, c, dim)
-        if native is not None:
-            return _fc_native_forward(native, dots, sq, znorm, bias, c, dim)
         terms = _fc_forward_terms(dots, sq, znorm, bias, c, dim)
         return terms["kappa"] * terms["psi"]
 
@@ -339,72 +336,7 @@ class FullyConnectedTangent(torch.autograd.Function):
         else:
             dots, sq, znorm, bias = ctx.saved_tensors
             c = ctx.c
-        native = _fc_native(dots, c, ctx.dim)
-        if native is not None:
-            return _fc_native_backward(
-                native, grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad
-            )
         return _fc_backward(grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad)
-
-
-def _fc_native(dots: Tensor, c, dim: int):
-    """The native ops (:mod:`poincare_resnet._cpp.fc_ops`) when they apply: CPU maps along
-    dim 1 of a ≥3-D tensor, float32/float64, fixed curvature. Under ``torch.compile`` they enter
-    the graph as custom ops (the availability check runs once, at trace time)."""
-    if (
-        isinstance(c, Tensor)
-        or dots.device.type != "cpu"
-        or dots.dim() < 3
-        or dim % dots.dim() != 1
-        or dots.dtype not in (torch.float32, torch.float64)
-    ):
-        return None
-    from .. import _cpp
-
-    if not (_cpp.native_enabled() and _cpp.native_available("fc")):
-        return None
-    from .._cpp import fc_ops
-
-    return fc_ops
-
-
-def _fc_native_args(dots, sq, znorm, bias, c):
-    """Flattened ``[B, C, P]`` / ``[B, P]`` views, per-feature terms and limits for the kernel."""
-    sc = _sqrt(c)
-    two_sr = 2 * sc * bias
-    b, k = dots.shape[0], dots.shape[1]
-    flat = (
-        dots.reshape(b, k, -1).contiguous(),
-        sq.reshape(b, -1).contiguous(),
-        torch.cosh(two_sr),
-        torch.sinh(two_sr),
-        2 * znorm,
-    )
-    limit = max_tangent_radius(dots.dtype)
-    limits = (float(sc), limit, FC_ARG_LIMIT, 2 * limit, _small(dots.dtype), MIN_NORM)
-    return flat, limits
-
-
-def _fc_native_forward(native, dots, sq, znorm, bias, c, dim):
-    flat, limits = _fc_native_args(dots, sq, znorm, bias, c)
-    return native.fc_forward(*flat, *limits).view(dots.shape)
-
-
-def _fc_native_backward(native, grad, dots, sq, znorm, bias, c, dim, needs):
-    """Backward of the FC map: all full-size and per-pixel work in one native kernel."""
-    flat, limits = _fc_native_args(dots, sq, znorm, bias, c)
-    b, k = dots.shape[0], dots.shape[1]
-    grad_dots, grad_sq, chan = native.fc_backward(
-        grad.reshape(b, k, -1), *flat, *limits, bool(needs[0])
-    )
-    grad_dots = grad_dots.view(dots.shape) if needs[0] else None
-    grad_sq = grad_sq.view(sq.shape) if needs[1] else None
-    grad_znorm = 2 * chan[0] if needs[2] else None
-    grad_bias = None
-    if needs[3]:  # through cosh(2√c r) and sinh(2√c r)
-        _, _, ch_k, sh_k, _ = flat
-        grad_bias = (chan[1] * sh_k + chan[2] * ch_k) * (2 * _sqrt(c))
-    return grad_dots, grad_sq, grad_znorm, grad_bias, None, None
 
 
 def _fc_small_backward(

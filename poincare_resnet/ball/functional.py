@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _autograd as F
+from ._autograd import _sqrt
 from .config import MIN_NORM, get_eps, manual_backward_enabled, max_tangent_radius
 
 Curvature = float | Tensor
@@ -120,10 +121,6 @@ def check_point(x: Tensor, *, c: Curvature, dim: int = -1, name: str = "x") -> N
             f"{name} has {outside} point(s) outside the Poincaré ball of radius 1/√c = "
             f"{radius:.6g} (largest norm {float(norms.max()):.6g})"
         )
-
-
-def _sqrt(c: Curvature) -> Curvature:
-    return c**0.5
 
 
 def _norm(x: Tensor, dim: int) -> Tensor:
@@ -385,16 +382,26 @@ def hyperplane_distances(
     return 2 * znorm.reshape(shape) / sc * torch.asinh(q)
 
 
-def _fc_tangent_ref(dots, sq, znorm, bias, c, dim):
-    """Plain-autograd twin of :class:`_autograd.FullyConnectedTangent` (same formula)."""
+def _fc_tangent_ref(dots, sq, znorm, bias, c, dim, legacy_lambda: bool = False):
+    """Plain-autograd twin of :class:`_autograd.FullyConnectedTangent` (same formula).
+
+    ``legacy_lambda``: the official code's conformal factor ``λ_x = 2(1 − tanh²t)`` in place of
+    ``2/(1 − tanh²t)``, i.e. ``√c λ_x ⟨x, ẑ⟩ = λ_x tanh(t)/‖p‖ · ⟨p, ẑ⟩`` and ``λ_x − 1`` from it
+    (to reproduce the paper's code; :func:`poincare_resnet.nn.fc_map.fc_tangent_legacy`)."""
     sc = _sqrt(c)
     limit = max_tangent_radius(dots.dtype)
     n = sq.clamp_min(MIN_NORM**2).sqrt()
     tc = (sc * n).clamp_max(limit)
+    if legacy_lambda:
+        th = torch.tanh(tc)  # √c‖x‖ for x = expmap0(p)
+        lam = 2 * (1 - th * th)  # the bug: a product instead of 2/(1 − c‖x‖²)
+        a, e = lam * th / n, lam - 1
+    else:  # λ_x tanh(t) = sinh(2t), λ_x − 1 = cosh(2t)
+        a, e = torch.sinh(2 * tc) / n, torch.cosh(2 * tc)
     shape = [1] * dots.dim()
     shape[dim] = -1
     two_sr = (2 * sc * bias).reshape(shape)
-    q = torch.sinh(2 * tc) / n * dots * torch.cosh(two_sr) - torch.cosh(2 * tc) * torch.sinh(two_sr)
+    q = a * dots * torch.cosh(two_sr) - e * torch.sinh(two_sr)
     g = (2 * znorm.reshape(shape) * F.fast_asinh(q)).clamp(-F.FC_ARG_LIMIT, F.FC_ARG_LIMIT)
     psi = torch.sinh(g)
     p = _norm(psi, dim)
@@ -413,7 +420,9 @@ def fc_tangent(
 
     This is the fused core of :class:`~poincare_resnet.nn.PoincareLinear` and
     :class:`~poincare_resnet.nn.PoincareConv2d`: the contraction ⟨p, ẑ_k⟩ is an ordinary matmul or
-    convolution and everything else is element-wise.
+    convolution and everything else is element-wise. This function is the PyTorch path (any
+    device; no kernels): the layers call :func:`poincare_resnet.nn.fc_map.fc_tangent`, which runs
+    the native CPU or the Triton kernel where one applies and this function otherwise.
 
     Raises ``ValueError`` (naming the argument) for a ``znorm`` or ``bias`` that is not one value
     per output feature, an ``sq`` not of ``dots``' shape with size 1 along ``dim``, or another

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..ball.config import MIN_NORM
-from ._kernels import _radial, batchnorm_forward
+from ._batchnorm_front import batchnorm_front
 
 
 def native_batchnorm_applicable(v: Tensor, c, all_reduce) -> bool:
@@ -43,17 +43,6 @@ def native_batchnorm_applicable(v: Tensor, c, all_reduce) -> bool:
     from .. import _cpp
 
     return _cpp.native_enabled() and _cpp.native_available("batchnorm")
-
-
-def _centre(beta_t: Tensor, c: float, t_max: float) -> Tensor:
-    """``β = expmap0(bias)`` as in the closed form."""
-    b_alpha, _ = _radial(beta_t.pow(2).sum(), c**0.5, t_max)
-    return beta_t * b_alpha
-
-
-def _rescale(var: Tensor, weight: Tensor, bn_eps: float) -> Tensor:
-    """``r = |weight| / √(σ² + eps)`` as a [1] tensor."""
-    return (weight.abs() / torch.sqrt(var + bn_eps)).reshape(-1)[:1]
 
 
 class _TrainBatchNorm(torch.autograd.Function):
@@ -122,25 +111,6 @@ class _BatchNormMap(torch.autograd.Function):
         return grad_v, grad_mu, grad_beta, grad_r.view(r.shape), None, None, None
 
 
-def _check_per_channel(v: Tensor, mu, beta_t: Tensor, weight: Tensor, var) -> None:
-    """``ValueError`` naming the argument for a wrongly sized per-channel tensor (shapes only:
-    no host sync). ``bias`` and the running mean hold one value per channel, ``weight`` and the
-    running variance one value."""
-    channels = v.shape[1]
-    named = [("bias", beta_t, channels), ("weight", weight, 1)]
-    if mu is not None:
-        named.append(("running mean", mu, channels))
-    if var is not None:
-        named.append(("running variance", var, 1))
-    for name, t, n in named:
-        if t.numel() != n:
-            what = "one per channel" if n == channels and name != "weight" else "a scalar"
-            raise ValueError(
-                f"batch norm: {name} has {t.numel()} elements (shape {tuple(t.shape)}), expected "
-                f"{n} ({what} of the input of shape {tuple(v.shape)})"
-            )
-
-
 def native_batchnorm(
     v: Tensor,
     mu: Tensor | None,
@@ -154,25 +124,38 @@ def native_batchnorm(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """:func:`._kernels.batchnorm_forward` with native kernels: ``(out, μ, σ², N)``.
 
-    ``mu``/``var`` ``None``: batch statistics (gradients flow through them into ``v``; the
-    returned μ and σ² are detached); otherwise the given running statistics. ``c`` must be a
-    Python float.
+    Same map and arguments as :func:`.batchnorm_map.batchnorm` (without ``all_reduce``); check
+    :func:`native_batchnorm_applicable` first.
+
+    Parameters
+    ----------
+    v : Tensor
+        The tangent map, float32 or float64 on the CPU.
+    mu, var : Tensor or None
+        The running statistics, or both ``None`` for the batch statistics (gradients flow
+        through them into ``v``; the returned μ and σ² are detached).
+    beta_t : Tensor
+        ``bias``, ``[C]``.
+    weight : Tensor
+        One element.
+    c : float
+        The curvature (a Python number).
+    bn_eps, proj_eps, t_max : float
+        ``eps`` of ``√(σ² + eps)``, the projection ε and ``artanh(1 − ε)``.
+
+    Returns
+    -------
+    tuple
+        ``(out, μ, σ², N)``, ``N`` the number of positions (``None`` in eval mode).
+
+    Shapes
+    ------
+    ``v [B, C, H, W]``, ``mu, beta_t [C]``, ``weight, var [1]`` → ``out [B, C, H, W]``.
     """
     c = float(c)
-    _check_per_channel(v, mu, beta_t, weight, var)
-    if (mu is None) != (var is None):  # one batch statistic and one given: not a layer's case
-        return batchnorm_forward(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max)
-    shape = v.shape
-    # [B, C, H·W]: under torch.compile a saved 4-D map downstream of a convolution would be
-    # copied to channels-last (inductor's layout optimisation) and back for the kernel
-    v = v.reshape(shape[0], shape[1], -1).contiguous()
-    dtype = v.dtype
-    if mu is None and var is None:
-        out, mu, var = _TrainBatchNorm.apply(v, beta_t, weight, c, bn_eps, proj_eps, t_max)
-        count = torch.full((), float(v.numel() // v.shape[1]), dtype=dtype)
-        return out.view(shape), mu, var, count
-    mu = mu.reshape(-1).to(dtype).contiguous()
-    beta = _centre(beta_t.to(dtype), c, t_max).contiguous()
-    r = _rescale(var.to(dtype), weight.to(dtype), bn_eps)
-    out = _BatchNormMap.apply(v, mu, beta, r, c, t_max, proj_eps)
-    return out.view(shape), mu, var, None
+    front = batchnorm_front(v, mu, beta_t, weight, var, c, bn_eps, t_max)
+    if front.train:
+        out, mu, var = _TrainBatchNorm.apply(front.v, beta_t, weight, c, bn_eps, proj_eps, t_max)
+        return out.view(front.shape), mu, var, front.count()
+    out = _BatchNormMap.apply(front.v, front.mu, front.beta, front.r, c, t_max, proj_eps)
+    return out.view(front.shape), front.mu, var, None

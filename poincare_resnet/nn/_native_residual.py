@@ -95,5 +95,23 @@ def native_residual(
     t_max: float,
     f_first: bool = True,
 ) -> Tensor:
-    """The residual map by the native kernel; check :func:`native_residual_applicable` first."""
+    """The residual map by the native kernel; check :func:`native_residual_applicable` first.
+
+    ``logmap0(expmap0(α f) ⊕ expmap0(res))`` (``f_first``; else ``res ⊕ α f``) along dim 1.
+
+    Parameters
+    ----------
+    f, res, alpha, c, proj_eps, t_max, f_first
+        As :func:`.residual_map.residual`, with float32 or float64 CPU maps, ``c`` a Python
+        number and ``alpha`` (if a tensor) on the CPU.
+
+    Returns
+    -------
+    Tensor
+        The residual map (a tangent map at the origin).
+
+    Shapes
+    ------
+    ``f``, ``res`` and the output: ``[B, C, H, W]``.
+    """
     return _NativeResidual.apply(f, res, alpha, c, proj_eps, t_max, f_first)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from .. import ball
 from ..ball import MIN_NORM, get_eps, max_tangent_radius
 from ..ball.frechet import frechet_mean
-from ._dispatch import batchnorm as fused_batchnorm
+from .batchnorm_map import batchnorm
 from .curvature import Curvature, as_curvature
 
 MEANS = ("midpoint", "frechet")
@@ -118,7 +118,7 @@ class PoincareBatchNorm2d(nn.Module):
             mu = ball.expmap0(self.running_mean.to(u.dtype), c=c)
             var = self.running_var.to(u.dtype)
         reduce = self._all_reduce if (use_batch and self.synchronized) else None
-        out, mu, var, count = fused_batchnorm(
+        out, mu, var, count = batchnorm(
             u,
             mu,
             self.bias,

@@ -45,8 +45,8 @@ class PoincareConv2d(_PoincareFCBase):
         ‖p‖²     = s² · boxsum_k(‖U‖²_channels)        (one k×k sum of a 1-channel map)
         ⟨p, ẑ_o⟩ = s · conv2d(U, ẑ_o)                  (one ordinary convolution)
 
-    followed by the element-wise tangent FC map (:func:`poincare_resnet.ball.fc_tangent`). It is
-    mathematically identical to the unfold construction. Output shape equals ``nn.Conv2d``'s.
+    followed by the element-wise tangent FC map (:func:`poincare_resnet.nn.fc_map.fc_tangent`).
+    It is mathematically identical to the unfold construction. Output shape equals ``nn.Conv2d``'s.
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 
 Contract: modules take and return **tangent vectors at the origin** (SPEC §5); the manifold axis
 is the last one, as for :class:`torch.nn.Linear`. A layer maps ``u ↦ logmap0(FC(expmap0(u)))``
-in closed form (:func:`poincare_resnet.ball.fc_tangent`), so no exp/log pair is computed only to
-be undone.
+in closed form (:func:`poincare_resnet.nn.fc_map.fc_tangent`), so no exp/log pair is computed
+only to be undone.
 """
 
 from __future__ import annotations
@@ -12,32 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import ball
-from ..ball import MIN_NORM, max_tangent_radius
-from ._dispatch import fc_tangent as fused_fc_tangent
+from ..ball import MIN_NORM
 from .curvature import Curvature, as_curvature
+from .fc_map import fc_tangent, fc_tangent_legacy
 from .init import INITS, init_poincare_weight
-
-
-def fc_tangent_legacy(
-    dots: Tensor, sq: Tensor, znorm: Tensor, bias: Tensor, c: float | Tensor, dim: int
-) -> Tensor:
-    """The official code's FC with its conformal-factor bug ``λ_x = 2·(1 − c‖x‖²)``.
-
-    Kept only to reproduce the paper's code in the ``init-norms`` experiment (plain autograd).
-    """
-    sc = c**0.5
-    n = sq.clamp_min(MIN_NORM**2).sqrt()
-    t = (sc * n).clamp_max(max_tangent_radius(dots.dtype))
-    th = torch.tanh(t)  # √c‖x‖ for x = expmap0(p)
-    lam = 2 * (1 - th * th)  # the bug: a product instead of 2/(1 − c‖x‖²)
-    shape = [1] * dots.dim()
-    shape[dim] = -1
-    two_sr = (2 * sc * bias).reshape(shape)
-    q = lam * th / n * dots * torch.cosh(two_sr) - (lam - 1) * torch.sinh(two_sr)
-    g = (2 * znorm.reshape(shape) * torch.asinh(q)).clamp(-40, 40)
-    psi = torch.sinh(g)
-    p = psi.norm(dim=dim, keepdim=True).clamp_min(MIN_NORM)
-    return torch.asinh(p).clamp_max(2 * max_tangent_radius(dots.dtype)) / (2 * sc * p) * psi
 
 
 class _PoincareFCBase(nn.Module):
@@ -81,7 +59,7 @@ class _PoincareFCBase(nn.Module):
         bias = self.bias if self.bias is not None else torch.zeros_like(znorm)
         if self.legacy_lambda:
             return fc_tangent_legacy(dots, sq, znorm, bias, c, dim)
-        return fused_fc_tangent(dots, sq, znorm, bias, c, dim)
+        return fc_tangent(dots, sq, znorm, bias, c, dim)
 
 
 class PoincareLinear(_PoincareFCBase):
@@ -95,6 +73,28 @@ class PoincareLinear(_PoincareFCBase):
 
     At ``init="identity"`` (``weight = ½I``, ``bias = 0``) a square layer is exactly the identity.
     ``legacy_lambda=True`` reproduces the official code's ``λ_x = 2(1 − c‖x‖²)`` bug.
+    ``center_weight=True`` centres each normal over its inputs, ``z_k ← z_k − mean(z_k)``, before
+    normalising it (as :class:`~.PoincareConv2d`'s option): the layer then ignores the mean of
+    its input features.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+        Sizes of the input and output tangent vectors.
+    bias : bool
+        Learn the offsets ``r_k`` (else ``r = 0``).
+    c : float or Curvature
+        The curvature (a :class:`~.Curvature` module to learn it).
+    init : str
+        One of :data:`~.INITS` (``"identity"``: ``½I`` and its generalisation).
+    legacy_lambda : bool
+        The official code's conformal-factor bug (plain autograd; for reproduction only).
+    center_weight : bool
+        Centre each normal over its inputs.
+
+    Shapes
+    ------
+    ``[*, in_features]`` → ``[*, out_features]``.
     """
 
     def __init__(
@@ -105,8 +105,10 @@ class PoincareLinear(_PoincareFCBase):
         c: float | Curvature = 0.1,
         init: str = "identity",
         legacy_lambda: bool = False,
+        center_weight: bool = False,
     ) -> None:
         super().__init__()
+        self.center_weight = bool(center_weight)
         self.in_features, self.out_features = in_features, out_features
         self._setup((out_features, in_features), bias, c, init, legacy_lambda)
 
@@ -125,6 +127,7 @@ class PoincareLinear(_PoincareFCBase):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, init={self.init!r}"
+            + (", center_weight=True" if self.center_weight else "")
         )
 
 

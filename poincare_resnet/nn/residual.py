@@ -6,8 +6,8 @@ from torch import Tensor, nn
 
 from .. import ball
 from ..ball import get_eps, max_tangent_radius
-from ._dispatch import residual as fused_residual
 from .curvature import Curvature, as_curvature
+from .residual_map import residual
 
 ORDERS = ("f+res", "res+f")
 
@@ -37,7 +37,7 @@ class PoincareResidual(nn.Module):
                 f"residual branch shape {tuple(f.shape)} != shortcut shape {tuple(res.shape)}"
             )
         c = self.curvature()
-        return fused_residual(
+        return residual(
             f, res, alpha, c, get_eps(f.dtype), max_tangent_radius(f.dtype), self.order == "f+res"
         )
 

@@ -54,8 +54,26 @@ def applicable(*tensors: Tensor, c: object = 1.0, kind: str | None = None) -> bo
 
 
 def residual(f, res, alpha, c, proj_eps, t_max, f_first=True, *, block_c=None):
-    """:func:`poincare_resnet.nn._kernels.residual_forward` by Triton kernels (``block_c``:
-    channels per loop step, a power of two; default 32)."""
+    """:func:`poincare_resnet.nn.residual_map.residual` by Triton kernels.
+
+    Parameters
+    ----------
+    f, res, alpha, c, proj_eps, t_max, f_first
+        As :func:`poincare_resnet.nn.residual_map.residual`, with CUDA (or interpreted CPU)
+        float32/float64 maps and ``c`` a Python float.
+    block_c : int, optional
+        Channels per loop step, a power of two (default 32).
+
+    Returns
+    -------
+    Tensor
+        The residual map, as a new tensor of ``f``'s shape (dense if ``f``'s pixels do not
+        flatten).
+
+    Shapes
+    ------
+    ``f, res [B, C, H, W]`` or ``[N, C]`` → the same.
+    """
     from . import _residual
 
     block_c = _residual.BLOCK_C if block_c is None else block_c
@@ -63,7 +81,25 @@ def residual(f, res, alpha, c, proj_eps, t_max, f_first=True, *, block_c=None):
 
 
 def fc_tangent(dots, sq, znorm, bias, c, dim, *, block_c=None):
-    """:func:`poincare_resnet.ball.fc_tangent` by Triton kernels."""
+    """:func:`poincare_resnet.nn.fc_map.fc_tangent` by Triton kernels.
+
+    Parameters
+    ----------
+    dots, sq, znorm, bias, c, dim
+        As :func:`poincare_resnet.nn.fc_map.fc_tangent`, with ``dots`` a CUDA (or interpreted
+        CPU) float32/float64 map, ``dim`` its channel axis 1 and ``c`` a Python float.
+    block_c : int, optional
+        Channels per loop step, a power of two (default 32).
+
+    Returns
+    -------
+    Tensor
+        The tangent FC map of every position, a new tensor of ``dots``' shape.
+
+    Shapes
+    ------
+    ``dots [B, K, H, W]`` or ``[N, K]``, ``sq`` the same with ``K = 1``, ``znorm, bias [K]``.
+    """
     from . import _fc
 
     block_c = _fc.BLOCK_C if block_c is None else block_c
@@ -71,8 +107,25 @@ def fc_tangent(dots, sq, znorm, bias, c, dim, *, block_c=None):
 
 
 def batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, *, block_c=None):
-    """:func:`poincare_resnet.nn._kernels.batchnorm_forward` by Triton kernels:
-    ``(out, μ, σ², count)``."""
+    """:func:`poincare_resnet.nn.batchnorm_map.batchnorm` by Triton kernels.
+
+    Parameters
+    ----------
+    v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max
+        As :func:`poincare_resnet.nn.batchnorm_map.batchnorm` (no ``all_reduce``), with ``v`` a
+        CUDA (or interpreted CPU) float32/float64 map and ``c`` a Python float.
+    block_c : int, optional
+        Channels per loop step, a power of two.
+
+    Returns
+    -------
+    tuple
+        ``(out, μ, σ², count)``.
+
+    Shapes
+    ------
+    ``v [B, C, H, W]``, ``mu, beta_t [C]``, ``weight, var [1]`` → ``out [B, C, H, W]``.
+    """
     from . import _batchnorm
 
     block_c = _batchnorm.BLOCK_C if block_c is None else block_c

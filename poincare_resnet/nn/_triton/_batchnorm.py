@@ -31,26 +31,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ball.config import MIN_NORM
-from .._kernels import _radial, midpoint_from_sums
+from .._batchnorm_front import centre, rescale
+from .._kernels import midpoint_from_sums
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
+from ._tiles import channel_column, dense_like, grad_map, program_block, store_tile, tile, tile0
 
 BLOCK_P = 32
 BLOCK_C = 32
 N_GLOBALS = 7  # adjoints of ‖μ‖², ‖β‖², ⟨β, μ⟩, gd, 1 − c‖β‖², ⟨u, v⟩ of the gyration, r
-
-
-@triton.jit
-def _tile0(ptr, b, ch, pix, sb, sc, sp, C, P):
-    """:func:`_tile`'s values only."""
-    return _tile(ptr, b, ch, pix, sb, sc, sp, C, P)[0]
-
-
-@triton.jit
-def _tile(ptr, b, ch, pix, sb, sc, sp, C, P):
-    mask = (ch[:, None] < C) & (pix[None, :] < P)
-    offs = b * sb + ch[:, None].to(tl.int64) * sc + pix[None, :].to(tl.int64) * sp
-    return tl.load(ptr + offs, mask=mask, other=0.0), mask
 
 
 @triton.jit
@@ -74,16 +63,16 @@ def _front(
     n2, vm, vb, g_mu, g_b, g_v = zero, zero, zero, zero, zero, zero
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         n2 += tl.sum(x * x, axis=0)
         if DOTS:
-            muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
+            muc = channel_column(mu_ptr, ch, C)
             vm += tl.sum(x * muc, axis=0)
             if HAS_BETA:
-                bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
+                bc = channel_column(be_ptr, ch, C)
                 vb += tl.sum(x * bc, axis=0)
             if HAS_G:
-                g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+                g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_mu += tl.sum(g * muc, axis=0)
                 g_b += tl.sum(g * bc, axis=0)
                 g_v += tl.sum(g * x, axis=0)
@@ -97,18 +86,18 @@ def _front(
     d2, dmu, db, dv, g_d = zero, zero, zero, zero, zero
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        muc = channel_column(mu_ptr, ch, C)
         d = tl.where(mask, ax[None, :] * x - muc, 0.0)
         d2 += tl.sum(d * d, axis=0)
         dmu += tl.sum(d * muc, axis=0)
         if HAS_BETA:
-            bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
+            bc = channel_column(be_ptr, ch, C)
             db += tl.sum(d * bc, axis=0)
         if DOTS:
             dv += tl.sum(d * x, axis=0)
             if HAS_G:
-                g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+                g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_d += tl.sum(g * d, axis=0)
     # stage 1b: m = A d − B μ, and the products of m from those of d
     omm = 1.0 - C_ * m2
@@ -190,6 +179,23 @@ def _stage2(
 
 
 @triton.jit
+def _gram_adjoint(g, k_mu, k_w, k_b, m2, mm, bm, mnn, mb, b2):
+    """Adjoint of ``q = ‖k_μ μ + k_w m + k_β β‖²`` written over the Gram entries ``‖μ‖² = m2``,
+    ``⟨m, μ⟩ = mm``, ``⟨β, μ⟩ = bm``, ``‖m‖² = mnn``, ``⟨m, β⟩ = mb``, ``‖β‖² = b2``, given
+    ``g = ∂L/∂q``: ``∂L/∂(k_μ, k_w, k_β, m2, b2, bm, mnn, mm, mb)``."""
+    d_mu = 2.0 * g * (k_mu * m2 + k_w * mm + k_b * bm)
+    d_w = 2.0 * g * (k_w * mnn + k_mu * mm + k_b * mb)
+    d_b = 2.0 * g * (k_b * b2 + k_mu * bm + k_w * mb)
+    d_m2 = g * k_mu * k_mu
+    d_b2 = g * k_b * k_b
+    d_bm = 2.0 * g * k_mu * k_b
+    d_mnn = g * k_w * k_w
+    d_mm = 2.0 * g * k_mu * k_w
+    d_mb = 2.0 * g * k_w * k_b
+    return d_mu, d_w, d_b, d_m2, d_b2, d_bm, d_mnn, d_mm, d_mb
+
+
+@triton.jit
 def _stage2_back(
     q, mm, mb, m2, b2, bm, r, head, tail, outs, g_kmu, g_kb, g_kw, g_at_seed,
     C_: tl.constexpr, SC: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr,
@@ -213,15 +219,10 @@ def _stage2_back(
         g_scon += tl.where(scon <= S_MAX, g_s, 0.0)
         g_on = SC * g_scon
         g_o2 = tl.where(o2 >= MN * MN, g_on / (2.0 * on), 0.0)
-        g_omu += 2.0 * g_o2 * (o_mu * m2 + o_w * mm + o_b * bm)
-        g_ow += 2.0 * g_o2 * (o_w * mnn + o_mu * mm + o_b * mb)
-        g_ob += 2.0 * g_o2 * (o_b * b2 + o_mu * bm + o_w * mb)
-        G_m2 += g_o2 * o_mu * o_mu
-        G_b2 += g_o2 * o_b * o_b
-        G_bm += 2.0 * g_o2 * o_mu * o_b
-        g_mnn = g_o2 * o_w * o_w
-        g_mm = 2.0 * g_o2 * o_mu * o_w
-        g_mb = 2.0 * g_o2 * o_w * o_b
+        qo = _gram_adjoint(g_o2, o_mu, o_w, o_b, m2, mm, bm, mnn, mb, b2)  # o2 = ‖o‖²
+        g_omu, g_ow, g_ob = g_omu + qo[0], g_ow + qo[1], g_ob + qo[2]
+        G_m2, G_b2, G_bm = G_m2 + qo[3], G_b2 + qo[4], G_bm + qo[5]
+        g_mnn, g_mm, g_mb = qo[6], qo[7], qo[8]
         inv = inv_den2
         g_a2 = g_ob * inv
         g_eb = g_ob * big_b2 * inv
@@ -233,15 +234,10 @@ def _stage2_back(
         g_bw = 2.0 * C_ * (g_d2r + g_a2)
         g_w2 = (C_ * C_) * b2 * g_d2r + C_ * g_a2
         G_b2 += (C_ * C_) * w2 * g_d2r
-        g_emu += 2.0 * g_w2 * (e_mu * m2 + e_w * mm + e_b * bm)
-        g_ew += 2.0 * g_w2 * (e_w * mnn + e_mu * mm + e_b * mb)
-        g_eb += 2.0 * g_w2 * (e_b * b2 + e_mu * bm + e_w * mb)
-        G_m2 += g_w2 * e_mu * e_mu
-        G_b2 += g_w2 * e_b * e_b
-        G_bm += 2.0 * g_w2 * e_mu * e_b
-        g_mnn += g_w2 * e_w * e_w
-        g_mm += 2.0 * g_w2 * e_mu * e_w
-        g_mb += 2.0 * g_w2 * e_w * e_b
+        qw = _gram_adjoint(g_w2, e_mu, e_w, e_b, m2, mm, bm, mnn, mb, b2)  # w2 = ‖w'‖²
+        g_emu, g_ew, g_eb = g_emu + qw[0], g_ew + qw[1], g_eb + qw[2]
+        G_m2, G_b2, G_bm = G_m2 + qw[3], G_b2 + qw[4], G_bm + qw[5]
+        g_mnn, g_mm, g_mb = g_mnn + qw[6], g_mm + qw[7], g_mb + qw[8]
         g_emu += g_bw * bm
         g_ew += g_bw * mb
         g_eb += g_bw * b2
@@ -302,36 +298,12 @@ def bn_out_kernel(
     C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, S_MAX: tl.constexpr,
     MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     m2, b2, bm, r = _globals(glob_ptr, r_ptr, BLOCK_P)
     s1, dots = _front(
-        v_ptr,
-        mu_ptr,
-        be_ptr,
-        v_ptr,
-        b,
-        pix,
-        vsb,
-        vsc,
-        vsp,
-        vsb,
-        vsc,
-        vsp,
-        C,
-        P,
-        m2,
-        bm,
-        C_,
-        SC,
-        T_MAX,
-        MN,
-        True,
-        False,
-        False,
-        BLOCK_C,
-        BLOCK_P,
-    )
+        v_ptr, mu_ptr, be_ptr, v_ptr, b, pix, vsb, vsc, vsp, vsb, vsc, vsp, C, P, m2, bm, C_, SC,
+        T_MAX, MN, True, False, False, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     ax, A, B = s1[5], s1[10], s1[11]
     q, mm, mb = dots[9], dots[10], dots[11]
     head, tail, outs = _stage2(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, True)
@@ -339,13 +311,12 @@ def bn_out_kernel(
     k_mu, k_b, k_w = lg * o_mu, lg * o_b, lg * o_w
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        muc = tl.load(mu_ptr + ch, mask=ch < C, other=0.0)[:, None]
-        bc = tl.load(be_ptr + ch, mask=ch < C, other=0.0)[:, None]
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        muc = channel_column(mu_ptr, ch, C)
+        bc = channel_column(be_ptr, ch, C)
         m = A[None, :] * (ax[None, :] * x - muc) - B[None, :] * muc
         out = k_mu[None, :] * muc + k_b[None, :] * bc + k_w[None, :] * m
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(o_ptr + offs, out, mask=mask)
+        store_tile(o_ptr, b, ch, pix, osb, osc, osp, out, mask)
 
 
 @triton.jit
@@ -354,37 +325,12 @@ def bn_var_kernel(
     C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, S_MAX: tl.constexpr,
     MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     m2 = _globals(glob_ptr, glob_ptr, BLOCK_P)[0]
     s1, dots = _front(
-        v_ptr,
-        mu_ptr,
-        mu_ptr,
-        v_ptr,
-        b,
-        pix,
-        vsb,
-        vsc,
-        vsp,
-        vsb,
-        vsc,
-        vsp,
-        C,
-        P,
-        m2,
-        m2,
-        C_,
-        SC,
-        T_MAX,
-        MN,
-        False,
-        False,
-        False,
-        BLOCK_C,
-        BLOCK_P,
-    )
+        v_ptr, mu_ptr, mu_ptr, v_ptr, b, pix, vsb, vsc, vsp, vsb, vsc, vsp, C, P, m2, m2, C_, SC,
+        T_MAX, MN, False, False, False, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     head = _stage2(dots[9], dots[10], dots[11], m2, m2, m2, m2, C_, SC, S_MAX, MN, False)[0]
     at = head[5]
     tl.store(part_ptr + pid, tl.sum(tl.where(pix < P, at * at, 0.0), axis=0))
@@ -399,38 +345,13 @@ def bn_bwd_kernel(
 ):  # fmt: skip
     """Gradients of ⟨g, out⟩ (KOUT) or of g_S · Σ at² (not KOUT) w.r.t. v, μ, β and the
     globals; ``part [programs, 2C + 7]``: per-program sums of the μ, β and global adjoints."""
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     pm = pix < P
     m2, b2, bm, r = _globals(glob_ptr, r_ptr, BLOCK_P)
     s1, dots = _front(
-        v_ptr,
-        mu_ptr,
-        be_ptr,
-        g_ptr,
-        b,
-        pix,
-        vsb,
-        vsc,
-        vsp,
-        gsb,
-        gsc,
-        gsp,
-        C,
-        P,
-        m2,
-        bm,
-        C_,
-        SC,
-        T_MAX,
-        MN,
-        KOUT,
-        True,
-        KOUT,
-        BLOCK_C,
-        BLOCK_P,
-    )
+        v_ptr, mu_ptr, be_ptr, g_ptr, b, pix, vsb, vsc, vsp, gsb, gsc, gsp, C, P, m2, bm, C_, SC,
+        T_MAX, MN, KOUT, True, KOUT, BLOCK_C, BLOCK_P,
+    )  # fmt: skip
     dmu, db, dv, vm, vb, g_mu, g_b, g_v, g_d, q, mm, mb, md, mv, g_m = dots
     ax, A, B = s1[5], s1[10], s1[11]
     head, tail, outs = _stage2(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, KOUT)
@@ -453,14 +374,14 @@ def bn_bwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         cm = ch < C
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         muc = tl.load(mu_ptr + ch, mask=cm, other=0.0)[:, None]
         d = ax[None, :] * x - muc
         m = A[None, :] * d - B[None, :] * muc
         gm = two_gq[None, :] * m + g_mm[None, :] * muc
         amu = g_mm[None, :] * m
         if KOUT:
-            g = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+            g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
             bc = tl.load(be_ptr + ch, mask=cm, other=0.0)[:, None]
             gm += k_w[None, :] * g + g_mb[None, :] * bc
             amu += k_mu[None, :] * g
@@ -474,8 +395,7 @@ def bn_bwd_kernel(
         amu += -gd - B[None, :] * gm
         tl.store(part_ptr + pid * (2 * C + 7) + ch, tl.sum(tl.where(mask, amu, 0.0), 1), mask=cm)
         gv = ax[None, :] * gd + two_gn2[None, :] * x
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(gv_ptr + offs, gv, mask=mask)
+        store_tile(gv_ptr, b, ch, pix, osb, osc, osp, gv, mask)
     base = part_ptr + pid * (2 * C + 7) + 2 * C
     tl.store(base, tl.sum(tl.where(pm, G[0] + gm2_omm, 0.0), 0))
     for i in tl.static_range(1, 7):
@@ -488,14 +408,12 @@ def mid_fwd_kernel(
     MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
     """``part [programs, C + 1]``: per-program ``Σ γ² ax v`` and ``Σ γ²``."""
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     pm = pix < P
     n2 = tl.zeros([BLOCK_P], tl.load(v_ptr).dtype)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         n2 += tl.sum(x * x, axis=0)
     t = SC * tl.sqrt(tl.maximum(n2, MN * MN))
     th = tanh_pos(tl.minimum(t, T_MAX))
@@ -503,7 +421,7 @@ def mid_fwd_kernel(
     w = tl.where(pm, g2 * th / t, 0.0)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        x = tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
         tl.store(part_ptr + pid * (C + 1) + ch, tl.sum(x * w[None, :], 1), mask=ch < C)
     tl.store(part_ptr + pid * (C + 1) + C, tl.sum(tl.where(pm, g2, 0.0), 0))
 
@@ -514,15 +432,14 @@ def mid_bwd_kernel(
     SC: tl.constexpr, T_MAX: tl.constexpr, MN: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b, pid, pix = program_block(BLOCK_P)
     g_s0 = tl.load(gs0_ptr)
     n2 = tl.zeros([BLOCK_P], g_s0.dtype)
     gv = tl.zeros([BLOCK_P], g_s0.dtype)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x = _tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        gs1 = tl.load(gs1_ptr + ch, mask=ch < C, other=0.0)[:, None]
+        x = tile0(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        gs1 = channel_column(gs1_ptr, ch, C)
         n2 += tl.sum(x * x, axis=0)
         gv += tl.sum(x * gs1, axis=0)
     n = tl.sqrt(tl.maximum(n2, MN * MN))
@@ -539,31 +456,13 @@ def mid_bwd_kernel(
     two_gn2 = tl.where(n2 >= MN * MN, SC * g_t / n, 0.0)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        x, mask = _tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
-        gs1 = tl.load(gs1_ptr + ch, mask=ch < C, other=0.0)[:, None]
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(gv_ptr + offs, w[None, :] * gs1 + two_gn2[None, :] * x, mask=mask)
+        x, mask = tile(v_ptr, b, ch, pix, vsb, vsc, vsp, C, P)
+        gs1 = channel_column(gs1_ptr, ch, C)
+        store_tile(gv_ptr, b, ch, pix, osb, osc, osp, w[None, :] * gs1 + two_gn2[None, :] * x, mask)
 
 
 def _consts(c: float, proj_eps: float, t_max: float) -> dict:
     return dict(C_=c, SC=c**0.5, T_MAX=float(t_max), S_MAX=1.0 - float(proj_eps), MN=MIN_NORM)
-
-
-def _dense_like(t: Tensor):
-    out = torch.empty_like(t)
-    lay = layout_or_none(out)
-    if lay is None:
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        lay = layout_or_none(out)
-    return out, lay
-
-
-def _grad_map(grad: Tensor, like: Tensor):
-    lay = layout_or_none(grad)
-    if lay is None or grad.shape != like.shape:
-        grad = grad.expand(like.shape).contiguous()
-        lay = layout_or_none(grad)
-    return grad, lay
 
 
 class MidpointSums(torch.autograd.Function):
@@ -590,7 +489,7 @@ class MidpointSums(torch.autograd.Function):
         lv = layout_or_none(v)
         g_s1 = torch.zeros(lv.c, dtype=v.dtype, device=v.device) if g_s1 is None else g_s1
         g_s0 = torch.zeros(1, dtype=v.dtype, device=v.device) if g_s0 is None else g_s0
-        grad_v, lo = _dense_like(v)
+        grad_v, lo = dense_like(v)
         mid_bwd_kernel[(lv.b, pixel_blocks(lv, BLOCK_P))](
             v, g_s1.contiguous(), g_s0.contiguous(), grad_v, lv.sb, lv.sc, lv.sp,
             lo.sb, lo.sc, lo.sp, lv.c, lv.p,
@@ -604,10 +503,10 @@ def _bn_backward(v, mu, beta, glob, r, grad, g_s, args, kout):
     c, proj_eps, t_max, block_c = args
     lv = layout_or_none(v)
     if kout:
-        grad, lg = _grad_map(grad, v)
+        grad, lg = grad_map(grad, v)
     else:
         grad, lg = v, lv
-    grad_v, lo = _dense_like(v)
+    grad_v, lo = dense_like(v)
     nblk = pixel_blocks(lv, BLOCK_P)
     width = 2 * lv.c + N_GLOBALS
     part = torch.zeros(lv.b * nblk, width, dtype=v.dtype, device=v.device)
@@ -664,7 +563,7 @@ class BatchNormMap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, mu, beta, r, glob, c, proj_eps, t_max, block_c):  # type: ignore[override]
         lv = layout_or_none(v)
-        out, lo = _dense_like(v)
+        out, lo = dense_like(v)
         bn_out_kernel[(lv.b, pixel_blocks(lv, BLOCK_P))](
             v, mu, beta, glob, r, out, lv.sb, lv.sc, lv.sp, lo.sb, lo.sc, lo.sp, lv.c, lv.p,
             **_consts(c, proj_eps, t_max), BLOCK_C=block_c, BLOCK_P=BLOCK_P,
@@ -711,7 +610,6 @@ def batchnorm(
         )
     if weight.device != v.device:
         raise ValueError(f"weight must be on {v.device}, got {weight.device}")
-    sc = c**0.5
     count = None
     n_pix = lv.b * lv.p
     mu_given, var_given = mu, var  # returned as given, as the closed form does
@@ -731,9 +629,8 @@ def batchnorm(
         if not isinstance(var, Tensor) or var.numel() != 1:
             raise ValueError(f"var must be a one-element tensor, got {getattr(var, 'shape', var)}")
         var = var.to(v.dtype)
-    b_alpha, _ = _radial(beta_t.pow(2).sum(), sc, t_max)  # β = expmap0(bias)
-    beta = beta_t * b_alpha
-    r = (weight.abs().to(v.dtype) / torch.sqrt(var + bn_eps)).reshape(1)
+    beta = centre(beta_t, c, t_max)  # β = expmap0(bias)
+    r = rescale(var, weight.to(v.dtype), bn_eps)  # |weight| / √(σ² + eps), [1]
     glob = torch.stack([m2, beta.pow(2).sum(), (beta * mu).sum()])
     out = BatchNormMap.apply(v, mu, beta, r, glob, c, proj_eps, t_max, block_c)
     return (

@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...ball._autograd import FC_ARG_LIMIT, _small
-from ...ball.config import MIN_NORM, max_tangent_radius
+from .._native_fc import fc_limits
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import asinh, cosh, sinh
+from ._tiles import dense_like, grad_map, program_block, store_tile, tile, tile0
 
 BLOCK_P = 64
 BLOCK_C = 32
@@ -32,17 +32,9 @@ BLOCK_C = 32
 
 @triton.jit
 def _pixel_terms(
-    sq_ptr,
-    b,
-    pix,
-    ssb,
-    ssp,
-    P,
-    SC: tl.constexpr,
-    LIMIT: tl.constexpr,
-    SMALL: tl.constexpr,
+    sq_ptr, b, pix, ssb, ssp, P, SC: tl.constexpr, LIMIT: tl.constexpr, SMALL: tl.constexpr,
     MN: tl.constexpr,
-):
+):  # fmt: skip
     pm = pix < P
     sqv = tl.load(sq_ptr + b * ssb + pix.to(tl.int64) * ssp, mask=pm, other=0.0)
     n = tl.sqrt(tl.maximum(sqv, MN * MN))
@@ -62,9 +54,7 @@ def _psi_tile(
 ):
     """dots tile, per-channel terms, q, h = asinh(q), the clamp mask and ψ for channels cs."""
     cm = cs < K
-    mask = cm[:, None] & (pix[None, :] < P)
-    offs = b * dsb + cs[:, None].to(tl.int64) * dsc + pix[None, :].to(tl.int64) * dsp
-    dots = tl.load(d_ptr + offs, mask=mask, other=0.0)
+    dots, mask = tile(d_ptr, b, cs, pix, dsb, dsc, dsp, K, P)
     chk = tl.load(ch_ptr + cs, mask=cm, other=0.0)
     shk = tl.load(sh_ptr + cs, mask=cm, other=0.0)
     zn2 = tl.load(zn2_ptr + cs, mask=cm, other=0.0)
@@ -73,7 +63,7 @@ def _psi_tile(
     g_raw = zn2[:, None] * h
     in_range = tl.abs(g_raw) <= ARG
     g = tl.minimum(tl.maximum(g_raw, -ARG), ARG)
-    return dots, chk, shk, zn2, q, h, in_range, g, sinh(g), offs, mask
+    return dots, chk, shk, zn2, q, h, in_range, g, sinh(g), mask
 
 
 @triton.jit
@@ -90,33 +80,11 @@ def _kappa(p2, SC: tl.constexpr, OUT_LIMIT: tl.constexpr, SMALL: tl.constexpr, M
 
 @triton.jit
 def fc_fwd_kernel(
-    d_ptr,
-    sq_ptr,
-    ch_ptr,
-    sh_ptr,
-    zn2_ptr,
-    o_ptr,
-    dsb,
-    dsc,
-    dsp,
-    ssb,
-    ssp,
-    osb,
-    osc,
-    osp,
-    K,
-    P,
-    SC: tl.constexpr,
-    LIMIT: tl.constexpr,
-    ARG: tl.constexpr,
-    OUT_LIMIT: tl.constexpr,
-    SMALL: tl.constexpr,
-    MN: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    d_ptr, sq_ptr, ch_ptr, sh_ptr, zn2_ptr, o_ptr, dsb, dsc, dsp, ssb, ssp, osb, osc, osp, K, P,
+    SC: tl.constexpr, LIMIT: tl.constexpr, ARG: tl.constexpr, OUT_LIMIT: tl.constexpr,
+    SMALL: tl.constexpr, MN: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    b, pid, pix = program_block(BLOCK_P)
     n, t, small, t2, sinh2t, a, e = _pixel_terms(sq_ptr, b, pix, ssb, ssp, P, SC, LIMIT, SMALL, MN)
     p2 = tl.zeros([BLOCK_P], a.dtype)
     for c0 in range(0, K, BLOCK_C):
@@ -129,50 +97,18 @@ def fc_fwd_kernel(
     for c0 in range(0, K, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         tile = _psi_tile(d_ptr, ch_ptr, sh_ptr, zn2_ptr, b, cs, pix, dsb, dsc, dsp, K, P, a, e, ARG)
-        psi, mask = tile[8], tile[10]
-        offs = b * osb + cs[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(o_ptr + offs, kappa[None, :] * psi, mask=mask)
+        psi, mask = tile[8], tile[9]
+        store_tile(o_ptr, b, cs, pix, osb, osc, osp, kappa[None, :] * psi, mask)
 
 
 @triton.jit
 def fc_bwd_kernel(
-    g_ptr,
-    d_ptr,
-    sq_ptr,
-    ch_ptr,
-    sh_ptr,
-    zn2_ptr,
-    gd_ptr,
-    gsq_ptr,
-    part_ptr,
-    gsb,
-    gsc,
-    gsp,
-    dsb,
-    dsc,
-    dsp,
-    ssb,
-    ssp,
-    osb,
-    osc,
-    osp,
-    qsb,
-    qsp,
-    K,
-    P,
-    SC: tl.constexpr,
-    LIMIT: tl.constexpr,
-    ARG: tl.constexpr,
-    OUT_LIMIT: tl.constexpr,
-    SMALL: tl.constexpr,
-    MN: tl.constexpr,
-    NEED_DOTS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    pid = b * tl.num_programs(1) + tl.program_id(1)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    g_ptr, d_ptr, sq_ptr, ch_ptr, sh_ptr, zn2_ptr, gd_ptr, gsq_ptr, part_ptr, gsb, gsc, gsp, dsb,
+    dsc, dsp, ssb, ssp, osb, osc, osp, qsb, qsp, K, P, SC: tl.constexpr, LIMIT: tl.constexpr,
+    ARG: tl.constexpr, OUT_LIMIT: tl.constexpr, SMALL: tl.constexpr, MN: tl.constexpr,
+    NEED_DOTS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    b, pid, pix = program_block(BLOCK_P)
     pm = pix < P
     n, t, small, t2, sinh2t, a, e = _pixel_terms(sq_ptr, b, pix, ssb, ssp, P, SC, LIMIT, SMALL, MN)
     p2 = tl.zeros([BLOCK_P], a.dtype)
@@ -180,9 +116,8 @@ def fc_bwd_kernel(
     for c0 in range(0, K, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         tile = _psi_tile(d_ptr, ch_ptr, sh_ptr, zn2_ptr, b, cs, pix, dsb, dsc, dsp, K, P, a, e, ARG)
-        psi, mask = tile[8], tile[10]
-        goffs = b * gsb + cs[:, None].to(tl.int64) * gsc + pix[None, :].to(tl.int64) * gsp
-        gv = tl.load(g_ptr + goffs, mask=mask, other=0.0)
+        psi, mask = tile[8], tile[9]
+        gv = tile0(g_ptr, b, cs, pix, gsb, gsc, gsp, K, P)
         p2 += tl.sum(psi * psi, axis=0)
         gp += tl.sum(gv * psi, axis=0)
     p, clipped_out, small_p, kappa_base, kappa = _kappa(p2, SC, OUT_LIMIT, SMALL, MN)
@@ -197,17 +132,17 @@ def fc_bwd_kernel(
     grad_e = tl.zeros([BLOCK_P], a.dtype)
     for c0 in range(0, K, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
-        (dots, chk, shk, zn2, q, h, in_range, g, psi, offs, mask) = _psi_tile(
+        (dots, chk, shk, zn2, q, h, in_range, g, psi, mask) = _psi_tile(
             d_ptr, ch_ptr, sh_ptr, zn2_ptr, b, cs, pix, dsb, dsc, dsp, K, P, a, e, ARG
         )
-        goffs = b * gsb + cs[:, None].to(tl.int64) * gsc + pix[None, :].to(tl.int64) * gsp
-        gv = tl.load(g_ptr + goffs, mask=mask, other=0.0)
+        gv = tile0(g_ptr, b, cs, pix, gsb, gsc, gsp, K, P)
         grad_g = kappa[None, :] * gv + (kp2 * gph)[None, :] * (psi / p[None, :])
         grad_g = tl.where(in_range & mask, grad_g * cosh(g), 0.0)
         grad_q = grad_g * zn2[:, None] / tl.sqrt(1.0 + q * q)
         if NEED_DOTS:
-            ooffs = b * osb + cs[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-            tl.store(gd_ptr + ooffs, grad_q * (a[None, :] * chk[:, None]), mask=mask)
+            store_tile(
+                gd_ptr, b, cs, pix, osb, osc, osp, grad_q * (a[None, :] * chk[:, None]), mask
+            )
         gq_dot = grad_q * dots
         grad_a += tl.sum(gq_dot * chk[:, None], axis=0)
         grad_e -= tl.sum(grad_q * shk[:, None], axis=0)
@@ -229,24 +164,9 @@ def fc_bwd_kernel(
 
 
 def _consts(c: float, dtype: torch.dtype) -> dict:
-    limit = max_tangent_radius(dtype)
-    return dict(
-        SC=c**0.5,
-        LIMIT=limit,
-        ARG=FC_ARG_LIMIT,
-        OUT_LIMIT=2 * limit,
-        SMALL=_small(dtype),
-        MN=MIN_NORM,
-    )
-
-
-def _dense_like(t: Tensor):
-    out = torch.empty_like(t)
-    lay = layout_or_none(out)
-    if lay is None:
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        lay = layout_or_none(out)
-    return out, lay
+    """The kernels' constexpr constants: those of the native kernel (:func:`fc_limits`)."""
+    names = ("SC", "LIMIT", "ARG", "OUT_LIMIT", "SMALL", "MN")
+    return dict(zip(names, fc_limits(c, dtype), strict=True))
 
 
 class TritonFC(torch.autograd.Function):
@@ -257,29 +177,12 @@ class TritonFC(torch.autograd.Function):
         ld, ls = layout_or_none(dots), layout_or_none(sq)
         two_sr = 2 * c**0.5 * bias
         chk, shk, zn2 = torch.cosh(two_sr), torch.sinh(two_sr), 2 * znorm
-        out, lo = _dense_like(dots)
+        out, lo = dense_like(dots)
         grid = (ld.b, pixel_blocks(ld, BLOCK_P))
         fc_fwd_kernel[grid](
-            dots,
-            sq,
-            chk,
-            shk,
-            zn2,
-            out,
-            ld.sb,
-            ld.sc,
-            ld.sp,
-            ls.sb,
-            ls.sp,
-            lo.sb,
-            lo.sc,
-            lo.sp,
-            ld.c,
-            ld.p,
-            **_consts(c, dots.dtype),
-            BLOCK_C=block_c,
-            BLOCK_P=BLOCK_P,
-        )
+            dots, sq, chk, shk, zn2, out, *ld.strides, ls.sb, ls.sp, *lo.strides, ld.c, ld.p,
+            **_consts(c, dots.dtype), BLOCK_C=block_c, BLOCK_P=BLOCK_P,
+        )  # fmt: skip
         ctx.save_for_backward(dots, sq, znorm, bias)
         ctx.args = (c, block_c)
         return out
@@ -289,49 +192,21 @@ class TritonFC(torch.autograd.Function):
         dots, sq, znorm, bias = ctx.saved_tensors
         c, block_c = ctx.args
         needs = ctx.needs_input_grad
-        lg = layout_or_none(grad)
-        if lg is None or grad.shape != dots.shape:
-            grad = grad.expand(dots.shape).contiguous()
-            lg = layout_or_none(grad)
+        grad, lg = grad_map(grad, dots)
         ld, ls = layout_or_none(dots), layout_or_none(sq)
         sc = c**0.5
         two_sr = 2 * sc * bias
         chk, shk, zn2 = torch.cosh(two_sr), torch.sinh(two_sr), 2 * znorm
-        grad_dots, lo = _dense_like(dots)
+        grad_dots, lo = dense_like(dots)
         grad_sq = torch.empty(sq.shape, dtype=sq.dtype, device=sq.device)
         lq = layout_or_none(grad_sq)
         nblk = pixel_blocks(ld, BLOCK_P)
         part = torch.empty(ld.b * nblk, 3, ld.c, dtype=dots.dtype, device=dots.device)
         fc_bwd_kernel[(ld.b, nblk)](
-            grad,
-            dots,
-            sq,
-            chk,
-            shk,
-            zn2,
-            grad_dots,
-            grad_sq,
-            part,
-            lg.sb,
-            lg.sc,
-            lg.sp,
-            ld.sb,
-            ld.sc,
-            ld.sp,
-            ls.sb,
-            ls.sp,
-            lo.sb,
-            lo.sc,
-            lo.sp,
-            lq.sb,
-            lq.sp,
-            ld.c,
-            ld.p,
-            **_consts(c, dots.dtype),
-            NEED_DOTS=bool(needs[0]),
-            BLOCK_C=block_c,
-            BLOCK_P=BLOCK_P,
-        )
+            grad, dots, sq, chk, shk, zn2, grad_dots, grad_sq, part, *lg.strides, *ld.strides,
+            ls.sb, ls.sp, *lo.strides, lq.sb, lq.sp, ld.c, ld.p, **_consts(c, dots.dtype),
+            NEED_DOTS=bool(needs[0]), BLOCK_C=block_c, BLOCK_P=BLOCK_P,
+        )  # fmt: skip
         chan = part.sum(0)
         grad_bias = (chan[1] * shk + chan[2] * chk) * (2 * sc) if needs[3] else None
         return (

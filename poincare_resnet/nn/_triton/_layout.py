@@ -26,6 +26,11 @@ class Layout(NamedTuple):
     sc: int
     sp: int
 
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """``(sb, sc, sp)``, in the order the kernels take them."""
+        return self.sb, self.sc, self.sp
+
 
 def interpret() -> bool:
     """Whether the Triton interpreter is selected (``TRITON_INTERPRET=1``)."""

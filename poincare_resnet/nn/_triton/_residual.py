@@ -20,8 +20,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ball.config import MIN_NORM
-from ._layout import Layout, check_map, check_same, layout_or_none, pixel_blocks
+from ._layout import check_map, check_same, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
+from ._tiles import dense_like, grad_map, program_block, store_tile, tile, tile0, tile_offsets
 
 BLOCK_P = 64
 BLOCK_C = 32
@@ -51,32 +52,10 @@ def _logmap_scale(o2, SC: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr):
 
 
 @triton.jit
-def _tile0(ptr, b, ch, pix, sb, sc, sp, C, P):
-    """:func:`_tile`'s values only."""
-    return _tile(ptr, b, ch, pix, sb, sc, sp, C, P)[0]
-
-
-@triton.jit
-def _tile(ptr, b, ch, pix, sb, sc, sp, C, P):
-    """The [BLOCK_C, BLOCK_P] tile of channels ``ch`` and pixels ``pix`` (0 outside), and its
-    mask."""
-    mask = (ch[:, None] < C) & (pix[None, :] < P)
-    offs = b * sb + ch[:, None].to(tl.int64) * sc + pix[None, :].to(tl.int64) * sp
-    return tl.load(ptr + offs, mask=mask, other=0.0), mask
-
-
-@triton.jit
 def _pixel_fwd(
-    sff,
-    srr,
-    sfr,
-    a,
-    C_: tl.constexpr,
-    SC: tl.constexpr,
-    T_MAX: tl.constexpr,
-    MN: tl.constexpr,
+    sff, srr, sfr, a, C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, MN: tl.constexpr,
     F_FIRST: tl.constexpr,
-):
+):  # fmt: skip
     nf2 = sff * (a * a)
     zf, thf, alf = _radial_fwd(nf2, SC, T_MAX, MN)
     zr, thr, alr = _radial_fwd(srr, SC, T_MAX, MN)
@@ -107,29 +86,16 @@ def _pixel_fwd(
 
 @triton.jit
 def _sums(
-    f_ptr,
-    r_ptr,
-    b,
-    pix,
-    fsb,
-    fsc,
-    fsp,
-    rsb,
-    rsc,
-    rsp,
-    C,
-    P,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    DT: tl.constexpr,
-):
+    f_ptr, r_ptr, b, pix, fsb, fsc, fsp, rsb, rsc, rsp, C, P, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, DT: tl.constexpr,
+):  # fmt: skip
     sff = tl.zeros([BLOCK_P], DT)
     srr = tl.zeros([BLOCK_P], DT)
     sfr = tl.zeros([BLOCK_P], DT)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv = _tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        fv = tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         sff += tl.sum(fv * fv, axis=0)
         srr += tl.sum(rv * rv, axis=0)
         sfr += tl.sum(fv * rv, axis=0)
@@ -138,32 +104,11 @@ def _sums(
 
 @triton.jit
 def residual_fwd_kernel(
-    f_ptr,
-    r_ptr,
-    a_ptr,
-    o_ptr,
-    fsb,
-    fsc,
-    fsp,
-    rsb,
-    rsc,
-    rsp,
-    osb,
-    osc,
-    osp,
-    C,
-    P,
-    C_: tl.constexpr,
-    SC: tl.constexpr,
-    T_MAX: tl.constexpr,
-    S_MAX: tl.constexpr,
-    MN: tl.constexpr,
-    F_FIRST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    pix = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    f_ptr, r_ptr, a_ptr, o_ptr, fsb, fsc, fsp, rsb, rsc, rsp, osb, osc, osp, C, P,
+    C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr,
+    F_FIRST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    b, pid, pix = program_block(BLOCK_P)
     a = tl.load(a_ptr) + tl.zeros([BLOCK_P], tl.load(a_ptr).dtype)  # block: see _globals
     DT = a.dtype
     sff, srr, sfr = _sums(
@@ -175,55 +120,27 @@ def residual_fwd_kernel(
     o2 = tl.zeros([BLOCK_P], DT)
     for c0 in range(0, C, BLOCK_C):  # ‖o‖² with o = K f + cr r formed explicitly
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv = _tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        fv = tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         o2 += tl.sum(ov * ov, axis=0)
     lg = _logmap_scale(o2, SC, S_MAX, MN)[2]
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        fv, mask = tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
-        tl.store(o_ptr + offs, ov * lg[None, :], mask=mask)
+        store_tile(o_ptr, b, ch, pix, osb, osc, osp, ov * lg[None, :], mask)
 
 
 @triton.jit
 def residual_bwd_kernel(
-    g_ptr,
-    f_ptr,
-    r_ptr,
-    a_ptr,
-    gf_ptr,
-    gr_ptr,
-    ga_ptr,
-    gsb,
-    gsc,
-    gsp,
-    fsb,
-    fsc,
-    fsp,
-    rsb,
-    rsc,
-    rsp,
-    osb,
-    osc,
-    osp,
-    C,
-    P,
-    C_: tl.constexpr,
-    SC: tl.constexpr,
-    T_MAX: tl.constexpr,
-    S_MAX: tl.constexpr,
-    MN: tl.constexpr,
-    F_FIRST: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    g_ptr, f_ptr, r_ptr, a_ptr, gf_ptr, gr_ptr, ga_ptr, gsb, gsc, gsp, fsb, fsc, fsp, rsb, rsc,
+    rsp, osb, osc, osp, C, P, C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr,
+    S_MAX: tl.constexpr, MN: tl.constexpr, F_FIRST: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1)
-    pix = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+):  # fmt: skip
+    b, pid, pix = program_block(BLOCK_P)
     a = tl.load(a_ptr) + tl.zeros([BLOCK_P], tl.load(a_ptr).dtype)  # block: see _globals
     DT = a.dtype
     sff, srr, sfr = _sums(
@@ -241,9 +158,9 @@ def residual_bwd_kernel(
     gr = tl.zeros([BLOCK_P], DT)
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv = _tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
-        gv = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+        fv = tile0(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        gv = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         o2 += tl.sum(ov * ov, axis=0)
         go += tl.sum(gv * ov, axis=0)
@@ -293,18 +210,18 @@ def residual_bwd_kernel(
     d_nf2 = _radial_bwd(nf2, zf, thf, alf, d_af, d_thf, C_, T_MAX, MN)
     d_nr2 = _radial_bwd(srr, zr, thr, alr, d_ar, d_thr, C_, T_MAX, MN)
     d_a += d_nf2 * sff * 2.0 * a + d_fr * sfr
-    tl.store(ga_ptr + b * tl.num_programs(1) + pid_p, tl.sum(tl.where(pix < P, d_a, 0.0), axis=0))
+    tl.store(ga_ptr + pid, tl.sum(tl.where(pix < P, d_a, 0.0), axis=0))
     d_sff2 = 2.0 * d_nf2 * (a * a)
     d_srr2 = 2.0 * d_nr2
     d_sfr = d_fr * a
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
-        fv, mask = _tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
-        rv = _tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
-        gv = _tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
+        fv, mask = tile(f_ptr, b, ch, pix, fsb, fsc, fsp, C, P)
+        rv = tile0(r_ptr, b, ch, pix, rsb, rsc, rsp, C, P)
+        gv = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
         ov = cr[None, :] * rv + k[None, :] * fv
         d_o = lg[None, :] * gv + two_p[None, :] * ov
-        offs = b * osb + ch[:, None].to(tl.int64) * osc + pix[None, :].to(tl.int64) * osp
+        offs = tile_offsets(b, ch, pix, osb, osc, osp)
         tl.store(
             gf_ptr + offs, k[None, :] * d_o + d_sff2[None, :] * fv + d_sfr[None, :] * rv, mask=mask
         )
@@ -324,43 +241,18 @@ def _consts(c: float, proj_eps: float, t_max: float, f_first: bool) -> dict:
     )
 
 
-def _flat_out(like: Tensor) -> tuple[Tensor, Layout]:
-    out = torch.empty_like(like)
-    lay = layout_or_none(out)
-    if lay is None:  # empty_like kept a layout whose pixels do not flatten: use a dense one
-        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
-        lay = layout_or_none(out)
-    return out, lay
-
-
 class TritonResidual(torch.autograd.Function):
     """``(f, res, α) → logmap0(expmap0(α f) ⊕ expmap0(res))`` (or ``res ⊕ f``) along dim 1."""
 
     @staticmethod
     def forward(ctx, f, res, alpha_t, c, proj_eps, t_max, f_first, block_c):  # type: ignore[override]
         lf, lr = layout_or_none(f), layout_or_none(res)
-        out, lo = _flat_out(f)
+        out, lo = dense_like(f)
         grid = (lf.b, pixel_blocks(lf, BLOCK_P))
         residual_fwd_kernel[grid](
-            f,
-            res,
-            alpha_t,
-            out,
-            lf.sb,
-            lf.sc,
-            lf.sp,
-            lr.sb,
-            lr.sc,
-            lr.sp,
-            lo.sb,
-            lo.sc,
-            lo.sp,
-            lf.c,
-            lf.p,
-            **_consts(c, proj_eps, t_max, f_first),
-            BLOCK_C=block_c,
-            BLOCK_P=BLOCK_P,
-        )
+            f, res, alpha_t, out, *lf.strides, *lr.strides, *lo.strides, lf.c, lf.p,
+            **_consts(c, proj_eps, t_max, f_first), BLOCK_C=block_c, BLOCK_P=BLOCK_P,
+        )  # fmt: skip
         ctx.save_for_backward(f, res, alpha_t)
         ctx.args = (c, proj_eps, t_max, f_first, block_c)
         return out
@@ -369,41 +261,17 @@ class TritonResidual(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         f, res, alpha_t = ctx.saved_tensors
         c, proj_eps, t_max, f_first, block_c = ctx.args
-        lg = layout_or_none(grad)
-        if lg is None or grad.shape != f.shape:
-            grad = grad.expand(f.shape).contiguous()
-            lg = layout_or_none(grad)
+        grad, lg = grad_map(grad, f)
         lf, lr = layout_or_none(f), layout_or_none(res)
-        grad_f, lo = _flat_out(f)
-        grad_r, _ = _flat_out(f)
+        grad_f, lo = dense_like(f)
+        grad_r, _ = dense_like(f)
         nblk = pixel_blocks(lf, BLOCK_P)
         part = torch.empty(lf.b * nblk, dtype=f.dtype, device=f.device)
         residual_bwd_kernel[(lf.b, nblk)](
-            grad,
-            f,
-            res,
-            alpha_t,
-            grad_f,
-            grad_r,
-            part,
-            lg.sb,
-            lg.sc,
-            lg.sp,
-            lf.sb,
-            lf.sc,
-            lf.sp,
-            lr.sb,
-            lr.sc,
-            lr.sp,
-            lo.sb,
-            lo.sc,
-            lo.sp,
-            lf.c,
-            lf.p,
-            **_consts(c, proj_eps, t_max, f_first),
-            BLOCK_C=block_c,
+            grad, f, res, alpha_t, grad_f, grad_r, part, *lg.strides, *lf.strides, *lr.strides,
+            *lo.strides, lf.c, lf.p, **_consts(c, proj_eps, t_max, f_first), BLOCK_C=block_c,
             BLOCK_P=BLOCK_P,
-        )
+        )  # fmt: skip
         needs = ctx.needs_input_grad
         grad_a = part.sum().reshape(alpha_t.shape) if needs[2] else None
         return (
