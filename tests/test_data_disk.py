@@ -208,6 +208,8 @@ def test_mismatched_imagenet_class_lists_and_flat_val_are_named(tmp_path):
     _image(flat / "val" / "x.JPEG", 0)
     with pytest.raises(DatasetError, match="must be sorted into"):
         load_dataset("imagenet", flat)
+    with pytest.raises(DatasetError, match="split folders, not classes; .* --dataset imagenet"):
+        load_dataset("imagefolder", flat)
 
 
 def test_a_decoding_error_in_a_worker_reaches_the_main_process_as_one_line(tiny, tmp_path):

@@ -208,6 +208,11 @@ def scan_imagenet(root: Path) -> tuple[list[str], list[str], Files, Files]:
 
 def _scan_imagefolder(root: Path) -> tuple[list[str], list[str], Files, Files]:
     classes, (files, labels) = scan_class_folders(root)
+    if set(classes) <= {"train", "val", "test"}:
+        raise DatasetError(
+            f"{root}: its folders are {classes}, split folders, not classes; for "
+            "train/<class>/ and val/<class>/ use --dataset imagenet"
+        )
     keep, held = stratified_split(labels, _IMAGEFOLDER_TEST_FRACTION, _IMAGEFOLDER_TEST_SEED)
     arr = np.asarray(files, dtype=object)
     return classes, classes, (list(arr[keep]), labels[keep]), (list(arr[held]), labels[held])
