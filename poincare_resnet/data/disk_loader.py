@@ -47,7 +47,7 @@ class _EpochBatches(torch.utils.data.Dataset):
         return -(-len(self.order) // self.batch_size)
 
     def _sample(self, index: int) -> Tensor:
-        x = decode_rgb(self.images.files[index])
+        x = decode_rgb(self.images.path(index))
         if self.key is None:
             return eval_transform(x, self.images.spec)
         g = sample_generator(self.key[0], self.key[1], index)
@@ -150,7 +150,7 @@ class DiskLoader(TensorLoader):
         if "files" in state and state["files"] != self.files_digest():
             raise DatasetError(
                 f"resume: the training files differ from the checkpoint's ({len(self.images)} "
-                f"files now, first {self.images.files[0] if len(self.images) else None}): the "
+                f"files now, first {self.images.path(0) if len(self.images) else None}): the "
                 "dataset changed, so the interrupted epoch cannot be reproduced"
             )
         super().load_state_dict(state)
@@ -159,8 +159,8 @@ class DiskLoader(TensorLoader):
         """SHA-256 (16 hex digits) of the training file paths and labels, in order."""
         if self._digest is None:
             h = hashlib.sha256()
-            for f, label in zip(self.images.files, self.y.tolist(), strict=True):
-                h.update(f"{f}\0{label}\n".encode())
+            for f, label in zip(self.images.paths.tolist(), self.y.tolist(), strict=True):
+                h.update(b"%s\0%d\n" % (f, label))
             self._digest = h.hexdigest()[:16]
         return self._digest
 

@@ -244,7 +244,7 @@ def load_disk_dataset(
     _, names, train, test = _SCANNERS[key](root)
 
     def to_images(files: np.ndarray) -> ImageSet:
-        return ImageSet(list(files), spec)
+        return ImageSet(files, spec)
 
     train_files = np.asarray(train[0], dtype=object)
     return _make_splits(

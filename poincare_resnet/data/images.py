@@ -11,6 +11,7 @@ the worker or the process that decodes it.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -157,31 +158,45 @@ class ImageSet:
     :class:`DatasetError` naming the file.
     """
 
-    def __init__(self, files: Sequence[str], spec: ImageSpec) -> None:
-        self.files = np.asarray(list(files), dtype=object)
+    def __init__(self, files: Sequence[str] | np.ndarray, spec: ImageSpec) -> None:
+        # fixed-width bytes, not Python objects: worker processes share the pages (no
+        # reference counts to copy on write), a few bytes a path
+        self.paths = np.asarray(
+            files if isinstance(files, np.ndarray) and files.dtype.kind == "S"
+            else [os.fsencode(f) for f in files], dtype=bytes,
+        )  # fmt: skip
         self.spec = spec
+
+    @property
+    def files(self) -> list[str]:
+        """The image paths, in order."""
+        return [os.fsdecode(p) for p in self.paths]
+
+    def path(self, index: int) -> str:
+        """The path of image ``index``."""
+        return os.fsdecode(self.paths[index])
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         """``(N, 3, S, S)``, the shape of the decoded tensor."""
-        return (len(self.files), 3, self.spec.size, self.spec.size)
-
-    def __len__(self) -> int:
-        return len(self.files)
+        return (len(self.paths), 3, self.spec.size, self.spec.size)
 
     def __getitem__(self, index) -> Tensor:
         if isinstance(index, (int, np.integer)):
-            return eval_transform(decode_rgb(self.files[index]), self.spec)
+            return eval_transform(decode_rgb(self.path(index)), self.spec)
         if isinstance(index, Tensor):
             index = index.cpu().numpy()
-        picked = self.files[index]
+        picked = self.paths[index]
         if len(picked) == 0:
             return torch.zeros(0, 3, self.spec.size, self.spec.size)
-        return torch.stack([eval_transform(decode_rgb(f), self.spec) for f in picked])
+        return torch.stack([eval_transform(decode_rgb(os.fsdecode(f)), self.spec) for f in picked])
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
     def subset(self, index: np.ndarray) -> ImageSet:
         """The images at ``index`` (an integer array), same spec, not decoded."""
-        return ImageSet(self.files[index], self.spec)
+        return ImageSet(self.paths[index], self.spec)
 
     def __repr__(self) -> str:
         return f"ImageSet({len(self)} files, size {self.spec.size})"
