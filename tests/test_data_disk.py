@@ -390,7 +390,7 @@ def test_sigkill_mid_epoch_then_resume_reproduces_the_run(tiny, reference_run, t
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     steps = _ckpt_steps(run)
-    assert steps and max(steps) < 8, steps
+    assert steps and max(steps) % 4 != 0, steps  # the resume point is inside an epoch
     proc = _launch([*common, "--resume", str(run)])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
