@@ -91,9 +91,24 @@ def _add_train(sub) -> None:
     )
     p.add_argument("--model", default=d.model, help="registered name (see `models`)")
     p.add_argument(
-        "--dataset", default=d.dataset, help="digits | fashion-mnist | cifar10 | cifar100"
+        "--dataset",
+        default=d.dataset,
+        help="digits | fashion-mnist | cifar10 | cifar100 (in memory) | imagefolder | "
+        "tiny-imagenet | imagenet (image files on disk, need --data-dir)",
     )
     p.add_argument("--data-dir", default=None, help="where the dataset files are")
+    p.add_argument(
+        "--image-size",
+        type=_POSITIVE,
+        default=None,
+        help="on-disk datasets: train/eval image size (default 64 for tiny-imagenet, else 224)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_NONNEGATIVE,
+        default=None,
+        help="on-disk datasets: image-decoding processes (default min(2, cores); 0 = none)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument(
         "--batch-size",

@@ -1,4 +1,5 @@
-"""Image datasets as in-memory tensors: digits, Fashion-MNIST, CIFAR-10/100, OOD image folders.
+"""Image datasets as in-memory tensors: digits, Fashion-MNIST, CIFAR-10/100, OOD image folders
+(and the entry point :func:`load_dataset` of the on-disk sets of :mod:`.folders`).
 
 Every loader returns float32 images ``[N, C, H, W]`` scaled to ``[-1, 1]`` and int64 labels.
 Nothing is downloaded implicitly; missing files raise :class:`DatasetError` with instructions.
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 __all__ = [
     "DATASETS",
+    "DISK_DATASETS",
     "DatasetError",
     "DatasetSplits",
     "download_fashion_mnist",
@@ -39,6 +41,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+DISK_DATASETS = ("imagefolder", "tiny-imagenet", "imagenet")  # data/folders.py
 
 CACHE_DIR = Path("~/.cache/poincare_resnet")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -142,17 +145,18 @@ def _make_splits(
     def labels(a: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
+    train_x = to_tensor(x[keep])
     return DatasetSplits(
         name=name,
-        train_x=to_tensor(x[keep]),
+        train_x=train_x,
         train_y=labels(y[keep]),
         val_x=to_tensor(x[val]),
         val_y=labels(y[val]),
         test_x=to_tensor(test[0]),
         test_y=labels(test[1]),
         num_classes=len(class_names),
-        in_chans=int(x.shape[1]),
-        image_size=(int(x.shape[2]), int(x.shape[3])),
+        in_chans=int(train_x.shape[1]),
+        image_size=(int(train_x.shape[2]), int(train_x.shape[3])),
         class_names=list(class_names),
         crop_padding=crop_padding,
         hflip=hflip,
@@ -173,27 +177,38 @@ def load_dataset(
     val_fraction: float = 0.1,
     seed: int = 0,
     limit: int | None = None,
+    image_size: int | None = None,
 ) -> DatasetSplits:
-    """Load ``name`` (one of :data:`DATASETS`) with a deterministic validation split.
+    """Load ``name`` (one of :data:`DATASETS` or :data:`DISK_DATASETS`) with a deterministic
+    validation split.
 
     ``val_fraction`` of the training set (stratified, seeded by ``seed``) becomes validation;
-    ``limit`` caps the number of training samples (a seeded random subset).
+    ``limit`` caps the number of training samples (a seeded random subset). The on-disk sets
+    (``imagefolder``, ``tiny-imagenet``, ``imagenet``) need ``data_dir``; their ``*_x`` are
+    :class:`~poincare_resnet.data.images.ImageSet` (decoded when indexed) resized to
+    ``image_size`` (default 64 for Tiny-ImageNet, 224 otherwise); the in-memory sets ignore it.
     """
     key = name.strip().lower().replace("_", "-")
-    key = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100"}.get(
-        key, key
-    )
-    if key not in DATASETS:
-        close = difflib.get_close_matches(key, DATASETS, n=3, cutoff=0.5)
+    key = {
+        "fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "cifar-100": "cifar100",
+        "tinyimagenet": "tiny-imagenet", "image-folder": "imagefolder",
+    }.get(key, key)  # fmt: skip
+    known = (*DATASETS, *DISK_DATASETS)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ValueError(
-            f"unknown dataset {name!r}: known datasets are {', '.join(DATASETS)}{hint}"
-        )
+        raise ValueError(f"unknown dataset {name!r}: known datasets are {', '.join(known)}{hint}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of samples, got {limit}")
     root = Path(data_dir).expanduser() if data_dir is not None else None
+    if key in DISK_DATASETS:
+        from .folders import load_disk_dataset
+
+        return load_disk_dataset(key, root, val_fraction, seed, limit, image_size)
+    if image_size is not None:
+        raise ValueError(f"--image-size applies to the on-disk datasets, not to {key}")
     if key == "digits":
         return _load_digits(val_fraction, seed, limit)
     if key == "fashion-mnist":

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import __version__
-from ..data import DatasetSplits, TensorLoader, load_dataset
+from ..data import DatasetSplits, load_dataset, make_loader
 from ..models import create_model
 from ..models.registry import build_from_config, check_model_kwargs
 from .checkpoint import (
@@ -62,7 +62,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAN_POLICIES = ("stop", "skip")
 LOGGERS = ("jsonl", "tensorboard")
 # options that say how this process runs, not what the run is: taken from the caller on --resume
-RUNTIME_OPTIONS = ("max_steps", "progress", "threads", "log_every", "eval_batch_size")
+RUNTIME_OPTIONS = ("max_steps", "progress", "threads", "log_every", "eval_batch_size", "workers")
 # config.json's marker: a directory is a run of this tool (and --overwrite may replace it) only
 # when its config.json says so. Format 2: the marker and the resolved ``model_config``.
 TOOL = "poincare-resnet"
@@ -106,6 +106,8 @@ class TrainConfig:
     model: str = "poincare_resnet20"
     dataset: str = "digits"
     data_dir: str | None = None
+    image_size: int | None = None  # on-disk datasets: default 64 (Tiny-ImageNet) or 224
+    workers: int | None = None  # on-disk datasets: decoding processes (None: min(2, cores))
     epochs: int = 40
     batch_size: int = 64
     optimizer: str = "adam"
@@ -176,6 +178,8 @@ class TrainConfig:
             (0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}"),
             (self.threads is None or self.threads >= 1, "--threads must be >= 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be >= 1"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (self.image_size is None or self.image_size >= 1, "--image-size must be >= 1"),
             (self.out is None or str(self.out).strip() != "", "--out must not be empty"),
         ]
         for ok, message in checks:
@@ -728,7 +732,9 @@ def _train(
 ) -> dict[str, Any]:
     main = info.is_main
     dtype = DTYPES[cfg.dtype]
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.limit_train)
+    data = load_dataset(
+        cfg.dataset, cfg.data_dir, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.image_size
+    )
     _check_finite_inputs(data)
     seed_everything(cfg.seed)
     model = _build_model(cfg, data, run if resuming else None).to(device=device, dtype=dtype)
@@ -739,15 +745,8 @@ def _train(
         model = convert_sync_batchnorm(model)
     optimizer = build_optimizer(cfg, model)
     per_rank_batch = max(1, cfg.batch_size // info.world_size)
-    loader = TensorLoader(
-        data.train_x,
-        data.train_y,
-        per_rank_batch,
-        shuffle=True,
-        seed=cfg.seed,
-        augment=(data.crop_padding, data.hflip) if cfg.augment else None,
-        rank=info.rank,
-        world_size=info.world_size,
+    loader = make_loader(
+        data, per_rank_batch, cfg.seed, cfg.augment, info.rank, info.world_size, cfg.workers
     )
     steps_per_epoch = len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -999,7 +998,7 @@ def ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
 def _check_finite_inputs(data: DatasetSplits) -> None:
     for name in ("train_x", "val_x", "test_x"):
         t = getattr(data, name)
-        if not bool(torch.isfinite(t).all()):
+        if isinstance(t, Tensor) and not bool(torch.isfinite(t).all()):  # decoded: finite
             raise ValueError(f"dataset {data.name}: {name} contains NaN or Inf values")
 
 
