@@ -126,9 +126,11 @@ def test_batchnorm_float32_near_boundary_no_less_accurate_than_native(train, sca
     native = _errors_vs_exact(native_batchnorm, args, exact, c)
     mine = _errors_vs_exact(torch_batchnorm, args, exact, c)
     for i, (a, b) in enumerate(zip(mine, native, strict=True)):
-        # rounding differs op by op; "no larger" up to a factor that is far below the closed
-        # form's loss (checked below) and a float32 floor
-        assert a <= 2 * b + 2e-5, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
+        if train:  # not yet: up to ~2.4x the kernels' error (σ², μ and the weight's gradient)
+            assert a <= 2 * b + 2e-5, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
+        else:  # ‖μ‖², ‖β‖², ⟨β, μ⟩ summed in float64 and rounded once, as in the kernels
+            # (a float32 sum of ‖μ‖² was up to 3x the kernels' error, 1.2e-5 over 1.05x)
+            assert a <= 1.05 * b + 3e-7, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
 
 
 def test_batchnorm_float32_boundary_beats_closed_form():

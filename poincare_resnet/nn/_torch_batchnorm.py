@@ -83,7 +83,10 @@ def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r
     k.c, k.sc, k.c2 = c, c**0.5, c * c
     k.t_max, k.s_max = t_max, 1 - proj_eps
     k.radius = k.s_max / k.sc
-    k.m2, k.b2, k.bm = mu.dot(mu), beta.dot(beta), beta.dot(mu)
+    # the Gram entries summed in float64 and rounded once, as the kernels do: 1 − c‖μ‖² cancels
+    # near the boundary, and a float32 sum's few ulp of ‖μ‖² become its relative error there
+    m64, b64 = mu.double(), beta.double()
+    k.m2, k.b2, k.bm = (x.to(mu.dtype) for x in (m64.dot(m64), b64.dot(b64), b64.dot(m64)))
     k.omm = 1 - c * k.m2
     k.gd_raw = 1 + c * 2 * (-k.bm) + k.c2 * k.b2 * k.m2
     k.gd = k.gd_raw.clamp_min(MIN_NORM)
