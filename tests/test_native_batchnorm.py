@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _helpers import bn_inputs, bn_run, gen
 
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
@@ -30,33 +31,7 @@ pytestmark = pytest.mark.skipif(
 TOL = {torch.float64: 1e-10, torch.float32: 3e-4}
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _inputs(shape, c, scale, dtype, seed, train, equal=False):
-    g = _gen(seed)
-    v = torch.randn(shape, generator=g, dtype=F64) * (scale / math.sqrt(c))
-    if equal:  # every position the same point: x = μ
-        v = v[:1, :, :1, :1].expand(shape).contiguous()
-    bias = torch.randn(shape[1], generator=g, dtype=F64) * 0.4
-    weight = torch.tensor([1.3], dtype=F64)
-    mu = var = None
-    if not train:
-        mu = ball.expmap0(torch.randn(shape[1], generator=g, dtype=F64) * 0.6, c=c).to(dtype)
-        var = torch.tensor([0.7], dtype=dtype)
-    grad = torch.randn(shape, generator=g, dtype=F64).to(dtype)
-    return v.to(dtype), bias.to(dtype), weight.to(dtype), mu, var, grad
-
-
-def _run(fn, v, bias, weight, mu, var, grad, c, like=None):
-    """``fn``'s outputs and gradients; ``like``: the dtype whose eps and clip radius to use."""
-    v, bias, weight = (t.clone().requires_grad_(True) for t in (v, bias, weight))
-    like = v.dtype if like is None else like
-    out, m, s2, n = fn(v, mu, bias, weight, var, c, 1e-5, get_eps(like), max_tangent_radius(like))
-    (out * grad).sum().backward()
-    count = None if n is None else float(n.detach())
-    return [out.detach(), m.detach(), s2.detach(), v.grad, bias.grad, weight.grad], count
+_gen, _inputs, _run = gen, bn_inputs, bn_run
 
 
 NAMES = ["out", "mu", "var", "grad v", "grad bias", "grad weight"]

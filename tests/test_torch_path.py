@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from _helpers import bn_inputs, bn_run, gen
 
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
@@ -30,8 +31,7 @@ _NATIVE = _cpp.load_kernel("batchnorm") is not None and _cpp.load_kernel("residu
 needs_native = pytest.mark.skipif(not _NATIVE, reason="native kernels unavailable")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+_gen = gen
 
 
 @pytest.fixture
@@ -45,28 +45,12 @@ def native_off():
 
 # ------------------------------------------------------------------------------- batch norm
 def _bn_inputs(shape, c, scale, dtype, seed, train):
-    g = _gen(seed)
-    v = torch.randn(shape, generator=g, dtype=F64) * (scale / math.sqrt(c))
-    bias = torch.randn(shape[1], generator=g, dtype=F64) * 0.4
-    weight = torch.tensor([1.3], dtype=F64)
-    mu = var = None
-    if not train:
-        mu = ball.expmap0(torch.randn(shape[1], generator=g, dtype=F64) * 0.6, c=c).to(dtype)
-        var = torch.tensor([0.7], dtype=dtype)
-    grad = torch.randn(shape, generator=g, dtype=F64).to(dtype)
-    return v.to(dtype), bias.to(dtype), weight.to(dtype), mu, var, grad
+    return bn_inputs(shape, c, scale, dtype, seed, train)
 
 
 def _bn_run(fn, v, bias, weight, mu, var, grad, c, like=None):
     """Outputs and gradients (also μ's in eval mode, where μ is an input)."""
-    v, bias, weight = (t.clone().requires_grad_(True) for t in (v, bias, weight))
-    if mu is not None:
-        mu = mu.clone().requires_grad_(True)
-    like = v.dtype if like is None else like
-    out, m, s2, _ = fn(v, mu, bias, weight, var, c, 1e-5, get_eps(like), max_tangent_radius(like))
-    (out * grad).sum().backward()
-    res = [out.detach(), m.detach(), s2.detach(), v.grad, bias.grad, weight.grad]
-    return res + ([mu.grad] if mu is not None else [])
+    return bn_run(fn, v, bias, weight, mu, var, grad, c, like, grad_mu=True)[0]
 
 
 def _rel(got, want, floor=1e-30):
@@ -126,9 +110,11 @@ def test_batchnorm_float32_near_boundary_no_less_accurate_than_native(train, sca
     native = _errors_vs_exact(native_batchnorm, args, exact, c)
     mine = _errors_vs_exact(torch_batchnorm, args, exact, c)
     for i, (a, b) in enumerate(zip(mine, native, strict=True)):
-        # rounding differs op by op; "no larger" up to a factor that is far below the closed
-        # form's loss (checked below) and a float32 floor
-        assert a <= 2 * b + 2e-5, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
+        if train:  # not yet: up to ~2.4x the kernels' error (σ², μ and the weight's gradient)
+            assert a <= 2 * b + 2e-5, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
+        else:  # ‖μ‖², ‖β‖², ⟨β, μ⟩ summed in float64 and rounded once, as in the kernels
+            # (a float32 sum of ‖μ‖² was up to 3x the kernels' error, 1.2e-5 over 1.05x)
+            assert a <= 1.05 * b + 3e-7, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
 
 
 def test_batchnorm_float32_boundary_beats_closed_form():

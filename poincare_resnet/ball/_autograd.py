@@ -218,87 +218,115 @@ class MobiusAdd(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 
 
-def _fc_input_terms(dots, sq, znorm, bias, c, dim):
-    """Per-position and per-feature terms of the tangent FC map: ``(sc, n, clipped_in, small, t2,
-    sinh2t, a, e, zn, ch, sh)`` with ``a = sinh(2t)/‖p‖``, ``e = cosh(2t)``, ``ch, sh =
-    cosh, sinh(2√c r)`` shaped to broadcast along ``dim``."""
+def _ind(x: Tensor, compare, threshold) -> Tensor:
+    """``compare(x, threshold)`` as a 0/1 tensor of ``x``'s dtype. Written into a float tensor
+    directly: on CPU a comparison into ``bool`` and a ``torch.where`` on it cost some 8 and 35
+    multiplications of the same size (they are not vectorised), the float mask costs two."""
+    return compare(x, threshold, out=torch.empty_like(x))
+
+
+def _pick(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``a`` where the 0/1 ``mask`` is 1, else ``b`` (exactly, for finite ``a`` and ``b``:
+    ``lerp`` returns its end points unrounded), at a tenth of ``torch.where``'s CPU cost."""
+    return torch.lerp(b, a, mask)
+
+
+def _fc_pixel_terms(sq: Tensor, c, dtype: torch.dtype):
+    """Per-position terms of the tangent FC map from ``sq = ‖p‖²``: ``(sc, n, clipped_in, small,
+    t2, sinh2t, a, e)`` with ``a = sinh(2t)/‖p‖``, ``e = cosh(2t)``, ``t = √c‖p‖`` capped
+    (``clipped_in`` and ``small`` as 0/1 masks)."""
     sc = _sqrt(c)
-    limit = max_tangent_radius(dots.dtype)
+    limit = max_tangent_radius(dtype)
     n = sq.clamp_min(MIN_NORM**2).sqrt()
     t = sc * n
-    clipped_in = t > limit
-    tc = t.clamp_max(limit)
-    small = t < _small(dots.dtype)
-    t2 = t * t
-    sinh2t = torch.sinh(2 * tc)
-    a = torch.where(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
-    e = torch.cosh(2 * tc)
+    clipped_in = _ind(t, torch.gt, limit)
+    tc2 = 2 * t.clamp_max(limit)
+    small = _ind(t, torch.lt, _small(dtype))
+    t2 = (t * t).clamp_max(1.0)  # the series' argument (capped: the other branch is picked there)
+    sinh2t = torch.sinh(tc2)
+    a = _pick(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
+    return sc, n, clipped_in, small, t2, sinh2t, a, torch.cosh(tc2)
+
+
+def _fc_feature_terms(znorm: Tensor, bias: Tensor, sc, shape) -> tuple[Tensor, Tensor, Tensor]:
+    """``(2‖z_k‖, cosh(2√c r_k), sinh(2√c r_k))`` shaped to broadcast along the feature axis."""
+    two_sr = 2 * sc * bias.reshape(shape)
+    return 2 * znorm.reshape(shape), torch.cosh(two_sr), torch.sinh(two_sr)
+
+
+def _feature_shape(dots: Tensor, dim: int) -> list[int]:
     shape = [1] * dots.dim()
     shape[dim] = -1
-    two_sr = 2 * sc * bias.reshape(shape)
-    return (
-        sc,
-        n,
-        clipped_in,
-        small,
-        t2,
-        sinh2t,
-        a,
-        e,
-        znorm.reshape(shape),
-        torch.cosh(two_sr),
-        torch.sinh(two_sr),
-    )
+    return shape
+
+
+def _fc_q(dots: Tensor, a: Tensor, e: Tensor, ch: Tensor, sh: Tensor) -> Tensor:
+    """``q = a·dots·ch − e·sh`` in three full-size passes."""
+    return torch.mul(e, -sh).addcmul_(a, dots * ch)
+
+
+def _fc_asinh(q: Tensor) -> tuple[Tensor, Tensor]:
+    """``(asinh(q), √(1 + q²))`` (the factored form of :func:`fast_asinh`, sharing the root)."""
+    aq = q.abs()
+    root = torch.hypot(aq, torch.ones((), dtype=q.dtype, device=q.device))
+    ratio = aq.clamp_max(torch.finfo(q.dtype).max).div_(root + 1)
+    return torch.copysign(torch.addcmul(aq, aq, ratio).log1p_(), q), root
+
+
+def _fc_kappa(p2: Tensor, sc, dtype: torch.dtype, backward: bool = False):
+    """``κ(‖ψ‖)`` with ``out = κψ`` from ``p2 = ‖ψ‖²`` (and, with ``backward``, ``(κ, κ'‖ψ‖,
+    ‖ψ‖)``): ``κ = asinh(‖ψ‖)/(2√c‖ψ‖)``, the output norm capped at ``2·artanh(1−ε)/(2√c)``.
+    ``asinh(p) = log1p(p + p²/(1 + √(1 + p²)))`` (``torch.asinh`` is not vectorised on CPU)."""
+    limit = max_tangent_radius(dtype)
+    p = p2.clamp_min(MIN_NORM**2).sqrt()
+    root = (p2 + 1).sqrt_()
+    rho = torch.log1p(p + p2 / (root + 1))
+    clipped_out = _ind(rho, torch.gt, 2 * limit)
+    small_p = _ind(p, torch.lt, _small(dtype))
+    s2 = p2.clamp_max(1.0)  # the series' argument (capped: the other branch is picked there)
+    kappa_base = _pick(small_p, 1 - s2 / 6 + 3 * s2 * s2 / 40, rho / p)
+    kappa = _pick(clipped_out, 2 * limit / p, kappa_base) / (2 * sc)
+    if not backward:
+        return kappa
+    k_series = s2 * (-1.0 / 3.0 + 0.3 * s2 - 0.267857 * s2 * s2)
+    kp2 = _pick(small_p, k_series, 1 / root - kappa_base) / (2 * sc)  # κ'‖ψ‖
+    return kappa, _pick(clipped_out, -kappa, kp2), p
 
 
 def _fc_forward_terms(dots, sq, znorm, bias, c, dim):
-    """Intermediate terms of the tangent-form FC map (see :class:`FullyConnectedTangent`)."""
-    dtype = dots.dtype
-    limit = max_tangent_radius(dtype)
-    sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
-        dots, sq, znorm, bias, c, dim
-    )
-    t = sc * n
-    tc = t.clamp_max(limit)
-    q = a * dots * ch - e * sh
-    h = fast_asinh(q)
-    g_raw = 2 * zn * h
-    g = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT)
-    psi = torch.sinh(g)
+    """Intermediate terms of the tangent-form FC map (see :class:`FullyConnectedTangent`), for
+    the tests' regime checks (masks as booleans)."""
+    sc, n, clipped_in, small, t2, sinh2t, a, e = _fc_pixel_terms(sq, c, dots.dtype)
+    zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
+    q = _fc_q(dots, a, e, ch, sh)
+    h = _fc_asinh(q)[0]
+    g_raw = zn2 * h
+    psi = torch.sinh(g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT))
     p2 = psi.pow(2).sum(dim, keepdim=True)
-    p = p2.clamp_min(MIN_NORM**2).sqrt()
+    kappa, _, p = _fc_kappa(p2, sc, dots.dtype, backward=True)
     rho = torch.asinh(p)
-    out_limit = 2 * limit
-    clipped_out = rho > out_limit
-    small_p = p < _small(dtype)
-    kappa_base = torch.where(small_p, 1 - p2 / 6 + 3 * p2 * p2 / 40, rho / p)
-    kappa = torch.where(clipped_out, out_limit / p, kappa_base) / (2 * sc)
     return dict(
-        sc=sc,
-        n=n,
-        t=t,
-        t2=t2,
-        tc=tc,
-        small=small,
-        clipped_in=clipped_in,
-        sinh2t=sinh2t,
-        a=a,
-        e=e,
-        zn=zn,
-        ch=ch,
-        sh=sh,
+        small=small.bool(),
+        clipped_in=clipped_in.bool(),
+        clipped_out=rho > 2 * max_tangent_radius(dots.dtype),
         q=q,
         h=h,
-        g=g,
         g_raw=g_raw,
         psi=psi,
         p=p,
         p2=p2,
-        small_p=small_p,
-        clipped_out=clipped_out,
-        kappa_base=kappa_base,
         kappa=kappa,
     )
+
+
+def _fc_forward(dots, sq, znorm, bias, c, dim):
+    """``out = κ(‖ψ‖)·ψ`` of :class:`FullyConnectedTangent`: nine full-size passes."""
+    sc, _, _, _, _, _, a, e = _fc_pixel_terms(sq, c, dots.dtype)
+    zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
+    g = _fc_asinh(_fc_q(dots, a, e, ch, sh))[0].mul_(zn2)
+    psi = g.clamp_(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
+    p2 = torch.linalg.vecdot(psi, psi, dim=dim).unsqueeze(dim)
+    return psi.mul_(_fc_kappa(p2, sc, dots.dtype))
 
 
 class FullyConnectedTangent(torch.autograd.Function):
@@ -315,8 +343,7 @@ class FullyConnectedTangent(torch.autograd.Function):
 
     @staticmethod
     def forward(dots, sq, znorm, bias, c, dim):  # type: ignore[override]
-        terms = _fc_forward_terms(dots, sq, znorm, bias, c, dim)
-        return terms["kappa"] * terms["psi"]
+        return _fc_forward(dots, sq, znorm, bias, c, dim)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
@@ -352,72 +379,68 @@ def _fc_small_backward(
         grad_bias = (grad_ch * sh_k + grad_sh * ch_k) * two_sc
     grad_sq = None
     if needs[1]:
-        da_dsq = torch.where(
-            small,
-            (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2),
-            (2 * sc * n * e - sinh2t) / (2 * n * n * n),
-        )
-        de_dsq = torch.where(small, c_val * (2 + 4 * t2 / 3), sc * sinh2t / n)
-        da_dsq = torch.where(clipped_in, -a / (2 * n * n), da_dsq)
-        de_dsq = torch.where(clipped_in, torch.zeros_like(de_dsq), de_dsq)
-        grad_sq = grad_a * da_dsq + grad_e * de_dsq
+        n2 = n * n
+        # (… / n²) / n: finite where n³ would underflow (there the series is picked)
+        da_exact = (2 * sc * n * e - sinh2t) / (2 * n2) / n
+        da_dsq = _pick(small, (sc * c_val) * (4.0 / 3.0 + 8.0 / 15.0 * t2), da_exact)
+        de_dsq = _pick(small, c_val * (2 + 4 * t2 / 3), sc * sinh2t / n)
+        da_dsq = _pick(clipped_in, -a / (2 * n2), da_dsq)
+        grad_sq = grad_a * da_dsq + grad_e * (de_dsq * (1 - clipped_in))
     return grad_sq, grad_bias
+
+
+def _fc_reductions(gq: Tensor, dots: Tensor, a: Tensor, e: Tensor, ch: Tensor, sh: Tensor, dim):
+    """``(∂L/∂a, ∂L/∂e, ∂L/∂ch, ∂L/∂sh)`` from ``gq = ∂L/∂q``, ``q = a·dots·ch − e·sh``: the
+    per-pixel ones summed over features, the per-feature ones over positions; for ``[B, K, …]``
+    maps along dim 1 as batched matrix products (one pass each, no product temporary)."""
+    x = gq * dots
+    if dim % dots.dim() == 1 and dots.dim() >= 3:
+        b, k = dots.shape[0], dots.shape[1]
+        x3, g3 = x.reshape(b, k, -1), gq.reshape(b, k, -1)
+        a3, e3 = a.reshape(b, 1, -1).transpose(1, 2), e.reshape(b, 1, -1).transpose(1, 2)
+        grad_a = torch.matmul(ch.reshape(1, k), x3).view(a.shape)
+        grad_e = torch.matmul(-sh.reshape(1, k), g3).view(e.shape)
+        grad_ch = torch.bmm(x3, a3).sum(0).view(k)
+        grad_sh = torch.bmm(g3, e3).sum(0).view(k).neg_()
+        return grad_a, grad_e, grad_ch, grad_sh
+    reduce_dims = [i for i in range(dots.dim()) if i != dim % dots.dim()]
+
+    def per_feature(t: Tensor) -> Tensor:
+        return t.sum(reduce_dims) if reduce_dims else t.reshape(-1)
+
+    grad_a = (x * ch).sum(dim, keepdim=True)
+    grad_e = -(gq * sh).sum(dim, keepdim=True)
+    return grad_a, grad_e, per_feature(x * a), -per_feature(gq * e)
 
 
 def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     """Backward of :class:`FullyConnectedTangent`: recomputes the forward terms in order and
     drops each full-size tensor as soon as it is used, so at most a few are alive at once."""
     dtype = dots.dtype
-    limit = max_tangent_radius(dtype)
-    sc, n, clipped_in, small, t2, sinh2t, a, e, zn, ch, sh = _fc_input_terms(
-        dots, sq, znorm, bias, c, dim
-    )
-    reduce_dims = [i for i in range(dots.dim()) if i != dim % dots.dim()]
-
-    def per_feature(x: Tensor) -> Tensor:
-        return x.sum(reduce_dims) if reduce_dims else x.reshape(-1)
-
-    # forward recomputation of the full-size chain
-    q = a * dots * ch - e * sh
-    h = fast_asinh(q)
-    g_raw = 2 * zn * h
-    clamped = g_raw.abs() > FC_ARG_LIMIT  # (NaN is not clamped: its gradient stays NaN)
-    g = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT)
-    del g_raw
-    psi = torch.sinh(g)
-    p2 = psi.pow(2).sum(dim, keepdim=True)
-    p = p2.clamp_min(MIN_NORM**2).sqrt()
-    rho = torch.asinh(p)
-    clipped_out = rho > 2 * limit
-    small_p = p < _small(dtype)
-    kappa_base = torch.where(small_p, 1 - p2 / 6 + 3 * p2 * p2 / 40, rho / p)
-    kappa = torch.where(clipped_out, 2 * limit / p, kappa_base) / (2 * sc)
-    # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + κ'‖ψ‖ ⟨G, ψ̂⟩ ψ̂  with ψ̂ = ψ/‖ψ‖. The form (κ'/‖ψ‖)⟨G, ψ⟩ψ
-    # underflows float32 where the output is clipped (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17).
-    psi = psi / p  # ψ̂
-    g_psi_hat = (grad * psi).sum(dim, keepdim=True)
-    k_series = p2 * (-1.0 / 3.0 + 0.3 * p2 - 0.267857 * p2 * p2)
-    k_exact = 1 / torch.sqrt(1 + p2) - kappa_base
-    kp2 = torch.where(small_p, k_series, k_exact) / (2 * sc)  # κ'‖ψ‖
-    kp2 = torch.where(clipped_out, -kappa, kp2)
-    grad_g = kappa * grad + (kp2 * g_psi_hat) * psi
+    sc, n, clipped_in, small, t2, sinh2t, a, e = _fc_pixel_terms(sq, c, dtype)
+    zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
+    h, root = _fc_asinh(_fc_q(dots, a, e, ch, sh))
+    g_raw = h * zn2
+    # no gradient where g was clamped (NaN is not clamped: its gradient stays NaN)
+    clamped = _ind(g_raw.abs(), torch.gt, FC_ARG_LIMIT)
+    psi = g_raw.clamp_(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
+    psi2 = psi * psi
+    kappa, kp2, p = _fc_kappa(psi2.sum(dim, keepdim=True), sc, dtype, backward=True)
+    # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'‖ψ‖/‖ψ‖)(⟨G, ψ⟩/‖ψ‖) ψ, ordered so that nothing
+    # underflows float32 where the output is clipped (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17)
+    g_psi = torch.linalg.vecdot(grad, psi, dim=dim).unsqueeze(dim)  # ⟨G, ψ⟩
+    grad_g = torch.addcmul(kappa * grad, (kp2 / p) * (g_psi / p), psi)
     del psi
-    # ψ = sinh(g), g = 2|z| asinh(q)   (no gradient where g was clamped)
-    grad_g = torch.where(
-        clamped, torch.zeros((), dtype=dtype, device=dots.device), grad_g * torch.cosh(g)
-    )
-    del g, clamped
-    grad_znorm = per_feature(grad_g * 2 * h) if needs[2] else None
+    # ψ = sinh(g), g = 2|z| asinh(q):  ∂ψ/∂g = cosh(g) = √(1 + ψ²)
+    zero = torch.zeros((), dtype=dtype, device=dots.device)
+    grad_g = _pick(clamped, zero, grad_g.mul_(psi2.add_(1).sqrt_()))
+    del psi2, clamped
+    grad_znorm = 2 * (grad_g * h).sum_to_size(zn2.shape).view(-1) if needs[2] else None
     del h
-    grad_q = grad_g * (2 * zn) / torch.sqrt(1 + q * q)
-    del grad_g, q
-    grad_dots = grad_q * (a * ch) if needs[0] else None
-    gq_dot = grad_q * dots
-    grad_ch = per_feature(gq_dot * a)  # ∂L/∂cosh(2√c r)
-    grad_a = (gq_dot * ch).sum(dim, keepdim=True)
-    del gq_dot
-    grad_sh = -per_feature(grad_q * e)  # ∂L/∂sinh(2√c r)
-    grad_e = -(grad_q * sh).sum(dim, keepdim=True)
+    grad_q = grad_g.mul_(zn2).div_(root)  # ∂asinh(q)/∂q = 1/√(1 + q²)
+    del grad_g, root
+    grad_dots = (grad_q * ch).mul_(a) if needs[0] else None
+    grad_a, grad_e, grad_ch, grad_sh = _fc_reductions(grad_q, dots, a, e, ch, sh, dim)
     del grad_q
     grad_sq, grad_bias = _fc_small_backward(
         grad_a, grad_e, grad_ch, grad_sh, bias, sc, n, clipped_in, small, t2, sinh2t, a, e, needs
@@ -425,10 +448,9 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     grad_c = None
     if isinstance(c, Tensor) and needs[4]:
         # explicit c-dependence: κ ∝ 1/√c; a, e through t = √c n; cosh/sinh(2√c r).
-        dc = -(kappa * p * g_psi_hat).sum() / (2 * c)  # −⟨G, out⟩/(2c)
-        da_dc = torch.where(clipped_in, torch.zeros_like(a), e / sc)
-        de_dc = torch.where(clipped_in, torch.zeros_like(e), sinh2t * n / sc)
-        dc = dc + (grad_a * da_dc + grad_e * de_dc).sum()
+        dc = -(kappa * g_psi).sum() / (2 * c)  # −⟨G, out⟩/(2c)
+        inside = 1 - clipped_in
+        dc = dc + (grad_a * (e / sc) * inside + grad_e * (sinh2t * n / sc) * inside).sum()
         ch_k, sh_k = torch.cosh(2 * sc * bias), torch.sinh(2 * sc * bias)
         dc = dc + ((grad_ch * sh_k + grad_sh * ch_k) * bias / sc).sum()
         grad_c = dc.reshape(c.shape)

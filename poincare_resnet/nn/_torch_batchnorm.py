@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ball._autograd import _ind
 from ..ball.config import MIN_NORM
 
 Scalar = Tensor | float
@@ -44,8 +45,10 @@ class Scalars:
 
 
 def _where0(mask: Tensor, a: Tensor) -> Tensor:
-    """``a`` where ``mask``, else 0 (the kernels' ``sel``)."""
-    return torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    """``a`` where the 0/1 ``mask`` (:func:`_ind`) is 1, else 0 (the kernels' ``sel``): a
+    product, a twentieth of ``torch.where``'s cost on CPU (``a`` is finite where the masks
+    below are 0, or NaN from a NaN input, which may then spread to the gradient)."""
+    return a * mask
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -80,7 +83,10 @@ def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r
     k.c, k.sc, k.c2 = c, c**0.5, c * c
     k.t_max, k.s_max = t_max, 1 - proj_eps
     k.radius = k.s_max / k.sc
-    k.m2, k.b2, k.bm = mu.dot(mu), beta.dot(beta), beta.dot(mu)
+    # the Gram entries summed in float64 and rounded once, as the kernels do: 1 − c‖μ‖² cancels
+    # near the boundary, and a float32 sum's few ulp of ‖μ‖² become its relative error there
+    m64, b64 = mu.double(), beta.double()
+    k.m2, k.b2, k.bm = (x.to(mu.dtype) for x in (m64.dot(m64), b64.dot(b64), b64.dot(m64)))
     k.omm = 1 - c * k.m2
     k.gd_raw = 1 + c * 2 * (-k.bm) + k.c2 * k.b2 * k.m2
     k.gd = k.gd_raw.clamp_min(MIN_NORM)
@@ -115,16 +121,16 @@ def _stage1_back(s, k, g_A, g_B, s_v, dv, G) -> tuple[Tensor, Tensor]:
     """Adjoints of (A, B) → adjoints of (‖v‖², ‖d‖²); the ‖μ‖² part into ``G``."""
     inv = s.inv_den
     g_den = -(s.A * g_A + s.B * g_B) * inv
-    g_denr = _where0(s.den_raw >= MIN_NORM, g_den)
+    g_denr = _where0(_ind(s.den_raw, torch.ge, MIN_NORM), g_den)
     g_omm = g_A * inv + s.omx * g_denr
     g_omx = k.omm * g_denr
     gd2 = k.c * (g_B * inv + g_denr)
     G["m2"] = G["m2"] - k.c * g_omm
     g_ax = s.A * s_v + 2 * gd2 * dv
     g_th = -2 * s.th * g_omx + g_ax * s.inv_t
-    g_t = -(s.ax * s.inv_t * g_ax) + _where0(s.t <= k.t_max, g_th * (1 - s.th * s.th))
+    g_t = -(s.ax * s.inv_t * g_ax) + _where0(_ind(s.t, torch.le, k.t_max), g_th * (1 - s.th * s.th))
     g_n = k.sc * g_t
-    g_n2 = _where0(s.n2 >= _MN2, g_n / (2 * s.n))
+    g_n2 = _where0(_ind(s.n2, torch.ge, _MN2), g_n / (2 * s.n))
     return g_n2, gd2
 
 
@@ -174,8 +180,8 @@ def _quad(k, cm, cw, cb, mnn, mm, mb) -> Tensor:
 def stage2(s, k, out: bool = True) -> None:
     """From ``‖m‖², ⟨m, μ⟩, ⟨m, β⟩`` to ``at`` (and, with ``out``, the output coefficients)."""
     s.mn0 = s.q.clamp_min(_MN2).sqrt()
-    s.big = s.mn0 > k.radius
-    s.shrink = torch.where(s.big, k.radius / s.mn0, torch.ones_like(s.mn0))
+    s.big = _ind(s.mn0, torch.gt, k.radius)
+    s.shrink = (k.radius / s.mn0).clamp_max(1.0)  # radius/‖m‖ where ‖m‖ > radius, else 1
     s.mn = s.mn0 * s.shrink
     s.u = k.sc * s.mn
     s.at = torch.atanh(s.u.clamp_max(k.s_max))
@@ -220,9 +226,9 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_omu, g_ob, g_ow = g_kmu * s.lg, g_kb * s.lg, g_kw * s.lg
     g_scon = -(s.lg * s.inv_scon * g_lg)
     g_s = g_lg * s.inv_scon / (1 - s.s * s.s)
-    g_scon = g_scon + _where0(s.scon <= k.s_max, g_s)
+    g_scon = g_scon + _where0(_ind(s.scon, torch.le, k.s_max), g_s)
     g_on = k.sc * g_scon
-    g_o2 = _where0(s.o2 >= _MN2, g_on / (2 * s.on))
+    g_o2 = _where0(_ind(s.o2, torch.ge, _MN2), g_on / (2 * s.on))
     g_omu = g_omu + 2 * g_o2 * (s.o_mu * m2 + s.o_w * s.mm + s.o_b * bm)
     g_ow = g_ow + 2 * g_o2 * (s.o_w * s.mnn + s.o_mu * s.mm + s.o_b * s.mb)
     g_ob = g_ob + 2 * g_o2 * (s.o_b * b2 + s.o_mu * bm + s.o_w * s.mb)
@@ -239,7 +245,7 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_ew = g_ow * k.big_b2 * inv
     G["big_b2"] = G["big_b2"] + (g_ob * s.e_b + g_omu * s.e_mu + g_ow * s.e_w) * inv
     g_den2 = -(g_ob * s.o_b + g_omu * s.o_mu + g_ow * s.o_w) * inv
-    g_d2r = _where0(s.den2_raw >= MIN_NORM, g_den2)
+    g_d2r = _where0(_ind(s.den2_raw, torch.ge, MIN_NORM), g_den2)
     g_bw = (2 * c) * (g_d2r + g_a2)
     g_w2 = (c2 * b2) * g_d2r + c * g_a2
     G["b2"] = G["b2"] + c2 * s.w2 * g_d2r
@@ -277,19 +283,19 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_rat = g_thr * (1 - s.thr * s.thr)
     G["r"] = G["r"] + g_rat * s.at
     g_at = g_rat * k.r
-    g_q = _where0(s.q >= _MN2, g_mnn)
+    g_q = _where0(_ind(s.q, torch.ge, _MN2), g_mnn)
     return g_q, g_mm, g_mb, g_u, g_shrink, g_at
 
 
 def _stage2_back_tail(s, k, g_u, g_shrink, g_at) -> Tensor:
     """Reverse of ``at = atanh(√c‖project(m)‖)`` (linear in its seeds): the adjoint of ‖m‖²."""
     uc = s.u.clamp_max(k.s_max)
-    g_u = g_u + _where0(s.u <= k.s_max, g_at / (1 - uc * uc))
+    g_u = g_u + _where0(_ind(s.u, torch.le, k.s_max), g_at / (1 - uc * uc))
     g_mn = k.sc * g_u
     g_mn0 = g_mn * s.shrink
     g_shrink = g_shrink + g_mn * s.mn0
     g_mn0 = g_mn0 + _where0(s.big, -(k.radius / (s.mn0 * s.mn0) * g_shrink))
-    return _where0(s.q >= _MN2, g_mn0 / (2 * s.mn0))
+    return _where0(_ind(s.q, torch.ge, _MN2), g_mn0 / (2 * s.mn0))
 
 
 _GLOBALS = ("m2", "b2", "bm", "gd", "big_b2", "uv", "r")
@@ -436,10 +442,10 @@ def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Ten
     gvs = _proj(g_s1.view(1, -1), v)  # ⟨v, g_s1⟩ per pixel
     g_g2 = g_s0 + gvs * s.ax
     g_ax = gvs * g2
-    e_ok = s.omx >= MIN_NORM
+    e_ok = _ind(s.omx, torch.ge, MIN_NORM)
     g_th = _where0(e_ok, 2 * s.th * g2 * g2 * g_g2) + g_ax * s.inv_t
-    g_t = -(s.ax * s.inv_t * g_ax) + _where0(s.t <= k.t_max, g_th * (1 - s.th * s.th))
-    g_n2 = _where0(s.n2 >= _MN2, k.sc * g_t / (2 * s.n))
+    g_t = -(s.ax * s.inv_t * g_ax) + _where0(_ind(s.t, torch.le, k.t_max), g_th * (1 - s.th * s.th))
+    g_n2 = _where0(_ind(s.n2, torch.ge, _MN2), k.sc * g_t / (2 * s.n))
     return w, 2 * g_n2
 
 

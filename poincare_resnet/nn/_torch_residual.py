@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ball._autograd import _ind
 from ..ball.config import MIN_NORM
 from ._torch_batchnorm import Scalars, _dot, _sq, _where0
 
@@ -39,8 +40,8 @@ def _radial_back(r, d_al: Tensor, d_th: Tensor, c, t_max: float) -> Tensor:
     """Adjoint of :func:`_radial`: ``(∂al, ∂th) → ∂n2``."""
     d_th_t = d_th + d_al * r.inv_z
     d_z = -d_al * r.al * r.inv_z
-    d_z = d_z + _where0(r.z <= t_max, d_th_t * (1 - r.th * r.th))
-    return _where0(r.n2 >= _MN2, (c / 2) * d_z * r.inv_z)
+    d_z = d_z + _where0(_ind(r.z, torch.le, t_max), d_th_t * (1 - r.th * r.th))
+    return _where0(_ind(r.n2, torch.ge, _MN2), (c / 2) * d_z * r.inv_z)
 
 
 def _pixel(sff, srr, sfr, a, c, t_max: float, f_first: bool) -> Scalars:
@@ -76,8 +77,8 @@ def _logmap_scale(o2: Tensor, c, s_max: float, d_lg: Tensor | None = None):
     if d_lg is None:
         return lg, None
     d_z = -d_lg * lg * inv_z
-    d_z = d_z + _where0(z <= s_max, d_lg * inv_z / (1 - s * s))
-    return lg, _where0(o2 >= _MN2, (c / 2) * d_z * inv_z)
+    d_z = d_z + _where0(_ind(z, torch.le, s_max), d_lg * inv_z / (1 - s * s))
+    return lg, _where0(_ind(o2, torch.ge, _MN2), (c / 2) * d_z * inv_z)
 
 
 def _sums(f: Tensor, res: Tensor):
@@ -111,7 +112,7 @@ def residual_backward(g, f, res, a, c, proj_eps: float, t_max: float, f_first: b
     d_big_a = d_cx * q.inv_den
     d_big_b = d_cy * q.inv_den
     d_den = -(d_cx * q.cx + d_cy * q.cy) * q.inv_den
-    d_den_raw = _where0(q.den_raw >= MIN_NORM, d_den)
+    d_den_raw = _where0(_ind(q.den_raw, torch.ge, MIN_NORM), d_den)
     d_xfr = 2 * c * (d_den_raw + d_big_a)
     d_x2 = (c * c) * q.y2 * d_den_raw - c * d_big_b
     d_y2 = (c * c) * q.x2 * d_den_raw + c * d_big_a
