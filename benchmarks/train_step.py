@@ -289,7 +289,7 @@ def _table(rows: list[dict], args) -> str:
             f"{r['eucl_train_ms']:.0f} / {r['poinc_train_ms']:.0f} | "
             f"{r['train_ratio']:.2f}× | {r['eucl_fwd_ms']:.1f} / {r['poinc_fwd_ms']:.1f} | "
             f"{r['fwd_ratio']:.2f}× | {r['eucl_peak_mib']:.0f} / {r['poinc_peak_mib']:.0f} | "
-            f"{r['mem_ratio']:.2f}× | " + "".join(_act_cells(r, kind) for kind in ("rss", "peak"))
+            f"{r['mem_ratio']:.2f}× | " + " ".join(_act_cells(r, kind) for kind in ("rss", "peak"))
         )
     return "\n".join(lines)
 
