@@ -33,7 +33,6 @@ inflate them. Run e.g. ``python benchmarks/ops.py --repeats 10 --threads 2``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -41,6 +40,9 @@ import statistics
 import subprocess
 import sys
 import time
+
+from _memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+from _memory import mallopt as _mallopt
 
 OPS = ("expmap0", "logmap0", "mobius_add", "fc_tangent")
 MODES = ("manual", "autograd")
@@ -94,18 +96,6 @@ def _make_case(op: str, c: float, rows: int = N_ROWS):
             raise ValueError(f"unknown op {op!r}; choose from {OPS}")
     inputs = [t.contiguous().requires_grad_(True) for t in inputs]
     return inputs, fn
-
-
-def _mallopt(param: int, value: int) -> bool:
-    """glibc ``mallopt``; False where unavailable (non-glibc platforms)."""
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)))
-    except (OSError, AttributeError):
-        return False
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 def _child(op: str, mode: str, repeats: int, warmup: int, threads: int, c: float) -> dict:

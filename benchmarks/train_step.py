@@ -6,11 +6,15 @@ of ``--repeats`` timed steps. Peak memory is the peak of the tensors a train ste
 ``torch.cuda.max_memory_allocated``; on CPU its analogue from PyTorch's allocator — the live
 parameters, optimizer state and batch plus the peak extra tensor memory of one profiled train step
 after warm-up (activations saved for backward, gradients, temporaries; ``benchmarks/_memory.py``).
-The growth of the process's maximum resident set size (``ru_maxrss``) over the baseline taken
-after the model and data exist also counts the compiler's own memory (a compiled Poincaré graph
-has many more nodes) and what glibc keeps mapped; its growth from batch B to 2B (two more child
-processes) cancels what does not depend on the batch: the *activation memory* of B samples,
-reported with the allocator's own difference (on CUDA ``max_memory_allocated``).
+The *activation memory* of B samples is the growth of each measure from batch B to 2B (two
+more child processes), which cancels what does not depend on the batch; by the allocator, and
+by the resident set: the peak resident memory one train step adds (after the timings, with
+glibc's heap trimmed and every buffer of 128 KiB or more in its own mapping, so that freed
+tensors leave the resident set; ``_memory.step_rss_mib``). That one also counts buffers
+allocated outside PyTorch's allocator. The JSON keeps the old measure too
+(``maxrss_growth_mib``: the growth of ``ru_maxrss`` over the whole run from before the first
+step): it mixes in the compiler's peak during the first compiled step and glibc's heap
+fragmentation, which differ between eager and each compiled graph (docs/performance.md).
 
 ``--path native`` (default) runs the native CPU kernels where they apply; ``--path torch``
 switches them off, so every Poincaré layer runs the PyTorch path a GPU runs (hand-written
@@ -35,7 +39,7 @@ import subprocess
 import sys
 import time
 
-from _memory import profiled_peak_mib
+from _memory import profiled_peak_mib, step_rss_mib
 
 
 def _child(args: argparse.Namespace) -> None:
@@ -96,7 +100,7 @@ def _child(args: argparse.Namespace) -> None:
     timed(train_step, args.warmup)
     warm_s = time.perf_counter() - t0
     train = timed(train_step, args.repeats)
-    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
+    maxrss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -105,13 +109,17 @@ def _child(args: argparse.Namespace) -> None:
     model.eval()
     timed(eval_step, args.warmup)
     forward = timed(eval_step, args.repeats)
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    rss = step_rss_mib(train_step) if device.type == "cpu" else None  # changes malloc: last
     print(
         json.dumps(
             {
                 "train_ms": statistics.median(train) * 1000,
                 "forward_ms": statistics.median(forward) * 1000,
                 "peak_mib": peak,
-                "rss_growth_mib": rss,
+                "step_rss_mib": rss,
+                "maxrss_growth_mib": maxrss,
                 "warmup_s": warm_s,
             }
         )
@@ -206,15 +214,16 @@ def main() -> None:
                     "eucl_peak_mib": e["peak_mib"],
                     "poinc_peak_mib": h["peak_mib"],
                     "mem_ratio": h["peak_mib"] / max(e["peak_mib"], 1e-9),
-                    "eucl_rss_growth_mib": e["rss_growth_mib"],
-                    "poinc_rss_growth_mib": h["rss_growth_mib"],
+                    "eucl_step_rss_mib": e["step_rss_mib"],
+                    "poinc_step_rss_mib": h["step_rss_mib"],
                 }
                 if res2:  # activation memory: growth from batch B to 2B
                     for key, fam in (("eucl", "euclidean"), ("poinc", "poincare")):
                         big, small = res2[fam], res[fam]
-                        row[f"{key}_act_rss_mib"] = big["rss_growth_mib"] - small["rss_growth_mib"]
-                        row[f"{key}_act_peak_mib"] = big["peak_mib"] - small["peak_mib"]
-                    for kind in ("rss", "peak"):
+                        for kind, measure in _ACT_MEASURES.items():
+                            if big[measure] is not None:
+                                row[f"{key}_act_{kind}_mib"] = big[measure] - small[measure]
+                    for kind in [k for k in _ACT_MEASURES if f"eucl_act_{k}_mib" in row]:
                         row[f"act_{kind}_ratio"] = row[f"poinc_act_{kind}_mib"] / max(
                             row[f"eucl_act_{kind}_mib"], 1e-9
                         )
@@ -225,6 +234,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
+
+
+# activation memory (growth from batch B to 2B): row key -> measure of the child process
+_ACT_MEASURES = {"rss": "step_rss_mib", "peak": "peak_mib", "maxrss": "maxrss_growth_mib"}
 
 
 def _runs(args) -> list[tuple[str, int]]:
@@ -249,12 +262,12 @@ def _fmt_row(r: dict) -> str:
         f"{r['poinc_fwd_ms']:6.1f} ms ({r['fwd_ratio']:.2f}x)  peak {r['eucl_peak_mib']:6.0f} / "
         f"{r['poinc_peak_mib']:6.0f} MiB ({r['mem_ratio']:.2f}x)"
     )
-    if "act_rss_ratio" in r:
-        line += (
-            f"  activations (B -> 2B) RSS {r['eucl_act_rss_mib']:.0f} / "
-            f"{r['poinc_act_rss_mib']:.0f} MiB ({r['act_rss_ratio']:.2f}x), allocator "
-            f"{r['eucl_act_peak_mib']:.0f} / {r['poinc_act_peak_mib']:.0f} MiB "
-            f"({r['act_peak_ratio']:.2f}x)"
+    if "act_peak_ratio" in r:
+        line += "  activations (B -> 2B)" + "".join(
+            f" {name} {r[f'eucl_act_{kind}_mib']:.0f} / {r[f'poinc_act_{kind}_mib']:.0f} MiB "
+            f"({r[f'act_{kind}_ratio']:.2f}x)"
+            for kind, name in (("rss", "RSS"), ("peak", "allocator"), ("maxrss", "ru_maxrss"))
+            if f"act_{kind}_ratio" in r
         )
     return line
 
@@ -265,8 +278,9 @@ def _table(rows: list[dict], args) -> str:
         f"batch {args.batch}, path {path}, {args.threads} threads, device {args.device}, "
         f"medians of {args.repeats} steps after {args.warmup} warm-up steps\n\n"
         "| model | mode | train step Eucl. / Poinc. (ms) | ratio | eval fwd Eucl. / Poinc. "
-        "(ms) | ratio | peak mem Eucl. / Poinc. (MiB) | ratio | activations (B → 2B RSS) "
-        "Eucl. / Poinc. (MiB) | ratio |\n|---|---|---|---|---|---|---|---|---|---|"
+        "(ms) | ratio | peak mem Eucl. / Poinc. (MiB) | ratio | activations (B → 2B, step RSS) "
+        "Eucl. / Poinc. (MiB) | ratio | activations (B → 2B, allocator) Eucl. / Poinc. (MiB) "
+        "| ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
@@ -275,15 +289,19 @@ def _table(rows: list[dict], args) -> str:
             f"{r['eucl_train_ms']:.0f} / {r['poinc_train_ms']:.0f} | "
             f"{r['train_ratio']:.2f}× | {r['eucl_fwd_ms']:.1f} / {r['poinc_fwd_ms']:.1f} | "
             f"{r['fwd_ratio']:.2f}× | {r['eucl_peak_mib']:.0f} / {r['poinc_peak_mib']:.0f} | "
-            f"{r['mem_ratio']:.2f}× | "
-            + (
-                f"{r['eucl_act_rss_mib']:.0f} / {r['poinc_act_rss_mib']:.0f} | "
-                f"{r['act_rss_ratio']:.2f}× |"
-                if "act_rss_ratio" in r
-                else "– | – |"
-            )
+            f"{r['mem_ratio']:.2f}× | " + " ".join(_act_cells(r, kind) for kind in ("rss", "peak"))
         )
     return "\n".join(lines)
+
+
+def _act_cells(r: dict, kind: str) -> str:
+    """The two table cells of one activation-memory measure (``–`` where not measured)."""
+    if f"act_{kind}_ratio" not in r:
+        return "– | – |"
+    return (
+        f"{r[f'eucl_act_{kind}_mib']:.0f} / {r[f'poinc_act_{kind}_mib']:.0f} | "
+        f"{r[f'act_{kind}_ratio']:.2f}× |"
+    )
 
 
 if __name__ == "__main__":
