@@ -18,7 +18,9 @@ from .training.checkpoint import (
     load_checkpoint,
     load_model_state,
 )
-from .training.trainer import DTYPES, check_output_dir, evaluate_split, resolve_device
+from .training.config import DTYPES, resolve_device
+from .training.evaluate import evaluate_split
+from .training.rundir import check_output_dir
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

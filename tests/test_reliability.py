@@ -24,7 +24,7 @@ import torch
 from poincare_resnet import cli
 from poincare_resnet.models import create_model
 from poincare_resnet.nn import PoincareBatchNorm2d
-from poincare_resnet.training import trainer
+from poincare_resnet.training import rundir, trainer
 from poincare_resnet.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -518,8 +518,8 @@ def _default_out_worker(rank: int, world: int, port: int, root: str) -> None:
     )
     os.chdir(root)
     torch.set_num_threads(1)
-    real = trainer._default_out
-    trainer._default_out = lambda cfg: f"{real(cfg)}-rank{rank}"
+    real = rundir._default_out
+    rundir._default_out = lambda cfg: f"{real(cfg)}-rank{rank}"
     cfg = TrainConfig(
         dataset="digits",
         limit_train=64,

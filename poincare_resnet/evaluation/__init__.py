@@ -1,4 +1,5 @@
-"""Evaluation: accuracy / OOD metrics, OOD scores, adversarial attacks, explanations, plots."""
+"""Evaluation: accuracy / OOD metrics, OOD scores, adversarial attacks, explanations, plots,
+tables."""
 
 from .attacks import ATTACKS, PAPER_FGSM_EPS, fgsm, pgd, robust_accuracy
 from .explain import grad_cam, input_saliency, normalize_maps
@@ -27,8 +28,8 @@ from .plots import (
     plot_roc_curves,
     plot_score_histograms,
     plot_training_curves,
-    write_table,
 )
+from .tables import write_table, write_table_atomic
 
 __all__ = [
     "ATTACKS",
@@ -60,4 +61,5 @@ __all__ = [
     "plot_training_curves",
     "robust_accuracy",
     "write_table",
+    "write_table_atomic",
 ]

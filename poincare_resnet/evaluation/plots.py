@@ -1,4 +1,4 @@
-"""Figures (PNG, rendered off-screen with the Agg canvas) and CSV / Markdown tables.
+"""Figures (PNG, rendered off-screen with the Agg canvas); tables are in :mod:`.tables`.
 
 Figures are built with :class:`matplotlib.figure.Figure` and
 :class:`matplotlib.backends.backend_agg.FigureCanvasAgg` directly, so nothing is ever shown and
@@ -7,9 +7,7 @@ the global pyplot backend is left untouched.
 
 from __future__ import annotations
 
-import csv
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc
 
+from .tables import is_number
+
 __all__ = [
     "plot_accuracy_vs_eps",
     "plot_confusion_matrix",
@@ -26,7 +26,6 @@ __all__ = [
     "plot_roc_curves",
     "plot_score_histograms",
     "plot_training_curves",
-    "write_table",
 ]
 
 PathLike = str | Path
@@ -215,16 +214,12 @@ def plot_explanations(
     return _save(fig, path)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: PathLike) -> Path:
     """Loss (left) and accuracy (right) vs epoch for every numeric key present in the rows that
     contains ``loss`` resp. ``acc``/``top1`` (e.g. ``train_loss``, ``val_loss``, ``val_acc``)."""
     keys: list[str] = []
     for r in metrics_rows:
-        keys += [k for k, v in r.items() if k not in keys and k != "epoch" and _is_number(v)]
+        keys += [k for k, v in r.items() if k not in keys and k != "epoch" and is_number(v)]
     loss_keys = [k for k in keys if "loss" in k.lower()]
     acc_keys = [k for k in keys if "acc" in k.lower() or "top1" in k.lower()]
     fig = _new_figure((10.0, 4.0))
@@ -234,7 +229,7 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: Pat
             pts = [
                 (float(r.get("epoch", i)), float(r[k]))  # type: ignore[arg-type]
                 for i, r in enumerate(metrics_rows)
-                if _is_number(r.get(k))
+                if is_number(r.get(k))
             ]
             pts = [p for p in pts if math.isfinite(p[1])]
             if pts:
@@ -244,32 +239,3 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: Pat
         if ks:
             ax.legend(fontsize=7)
     return _save(fig, path)
-
-
-def _fmt(v: object) -> str:
-    if _is_number(v):
-        if isinstance(v, numbers.Integral):
-            return str(int(v))
-        return f"{float(v):.4g}"  # type: ignore[arg-type]
-    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def write_table(rows: Sequence[Mapping[str, object]], path_stem: PathLike) -> str:
-    """Write ``<stem>.csv`` (full precision) and ``<stem>.md`` (numbers to 4 significant digits);
-    columns are the union of row keys in first-seen order.  Returns the Markdown text."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, restval="")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in cols})
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    with open(f"{stem}.md", "w", encoding="utf-8") as fh:
-        fh.write(md)
-    return md

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.tables import write_table_atomic as write_table
 from ..nn import PoincareBatchNorm2d
-from ..training.trainer import NonFiniteError, TrainConfig, train
-from ._common import (
+from .common import (
     Log,
+    TrainRecipe,
     as_tuple,
     median_time,
     new_figure,
@@ -33,6 +33,7 @@ from ._common import (
     run_probe,
     save_figure,
     torch_threads,
+    train_or_none,
     write_json,
 )
 
@@ -66,49 +67,39 @@ def time_bn(
 
 
 def train_with_bn(
-    mean: str,
-    out: Path,
-    *,
-    model: str,
-    dataset: str,
-    data_dir: str | None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    limit_train: int | None,
-    seed: int,
-    threads: int | None,
-    device: str,
-    log: Log,
+    mean: str, out: Path, *, model: str, recipe: TrainRecipe, log: Log
 ) -> dict[str, Any]:
-    """Train ``model`` with ``bn_mean=mean``; return accuracy and epoch time."""
-    cfg = TrainConfig(
-        model=model,
-        dataset=dataset,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        limit_train=limit_train,
-        seed=seed,
-        threads=threads,
-        device=device,
-        out=str(out),
-        overwrite=True,
-        progress=False,
-        model_kwargs={"bn_mean": mean},
-    )
+    """Train ``model`` with ``bn_mean=mean``; return accuracy and epoch time.
+
+    Parameters
+    ----------
+    mean : str
+        ``"midpoint"`` or ``"frechet"``.
+    out : Path
+        The run directory.
+    model : str
+        A registered model name.
+    recipe : TrainRecipe
+        The training options.
+    log : callable
+        Where a divergence is reported.
+
+    Returns
+    -------
+    dict
+        The table row (``test_top1``, ``best_val_top1``, ``mean_epoch_time_s``; NaN and
+        ``error`` when training diverged).
+    """
+    cfg = recipe.config(model, out, model_kwargs={"bn_mean": mean})
     row: dict[str, Any] = {
         "part": "train",
         "bn_mean": mean,
         "model": model,
-        "dataset": dataset,
-        "epochs": epochs,
+        "dataset": recipe.dataset,
+        "epochs": recipe.epochs,
     }
-    try:
-        s = train(cfg, log=lambda _m: None)
-    except NonFiniteError as e:
-        log(f"bn-speed: training with {mean} diverged: {e}")
+    s = train_or_none(cfg, log, f"bn-speed: training with {mean}")
+    if s is None:
         return {
             **row,
             "test_top1": float("nan"),
@@ -190,24 +181,12 @@ def run(
                 )
         train_rows = []
         if train_runs:
+            recipe = TrainRecipe(
+                dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+            )
             for mean in MEANS:
-                train_rows.append(
-                    train_with_bn(
-                        mean,
-                        out / "runs" / mean,
-                        model=model,
-                        dataset=dataset,
-                        data_dir=data_dir,
-                        epochs=epochs,
-                        batch_size=batch_size,
-                        lr=lr,
-                        limit_train=limit_train,
-                        seed=seed,
-                        threads=threads,
-                        device=device,
-                        log=log,
-                    )
-                )
+                run_dir = out / "runs" / mean
+                train_rows.append(train_with_bn(mean, run_dir, model=model, recipe=recipe, log=log))
     write_table(rows, out / SLUG)
     if train_rows:
         write_table(train_rows, out / f"{SLUG}_train")

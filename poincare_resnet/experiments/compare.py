@@ -12,11 +12,19 @@ from ..api import load_model
 from ..data import load_dataset
 from ..evaluation.attacks import PAPER_FGSM_EPS
 from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
-from ..evaluation.commands import write_table_atomic as write_table
 from ..evaluation.plots import plot_accuracy_vs_eps
+from ..evaluation.tables import write_table_atomic as write_table
 from ..training.checkpoint import atomic_output
-from ..training.trainer import NonFiniteError, TrainConfig, train
-from ._common import Log, as_str_tuple, as_tuple, pick, torch_threads, write_json
+from .common import (
+    Log,
+    TrainRecipe,
+    as_str_tuple,
+    as_tuple,
+    pick,
+    torch_threads,
+    train_or_none,
+    write_json,
+)
 
 SLUG = "compare"
 MODELS = ("euclidean_resnet20", "hybrid_resnet20", "poincare_resnet20")
@@ -71,30 +79,17 @@ def run(
     rows: list[dict[str, Any]] = []
     all_attack_rows: list[dict[str, Any]] = []
     all_ood_rows: list[dict[str, Any]] = []
+    recipe = TrainRecipe(
+        dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+    )
     with torch_threads(threads):
         for name in models:
-            cfg = TrainConfig(
-                model=name,
-                dataset=dataset,
-                data_dir=data_dir,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                optimizer=optimizer,
-                weight_decay=weight_decay,
-                limit_train=limit_train,
-                seed=seed,
-                threads=threads,
-                device=device,
-                out=str(out / "runs" / name),
-                overwrite=True,
-                progress=False,
+            cfg = recipe.config(
+                name, out / "runs" / name, optimizer=optimizer, weight_decay=weight_decay
             )
             row: dict[str, Any] = {"model": name, "dataset": dataset, "epochs": epochs}
-            try:
-                summary = train(cfg, log=lambda _m: None)
-            except NonFiniteError as e:
-                log(f"compare: {name} diverged: {e}")
+            summary = train_or_none(cfg, log, f"compare: {name}")
+            if summary is None:
                 rows.append({**row, "error": "non-finite"})
                 continue
             model, _meta = load_model(summary["run_dir"], device)

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
-from ._common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
+from ..evaluation.tables import write_table_atomic as write_table
+from .common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
 
 SLUG = "graph_memory"
 MODES = (("manual", True), ("autograd", False))

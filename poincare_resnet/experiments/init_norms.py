@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.tables import write_table_atomic as write_table
 from ..nn import PoincareConv2d, PoincareLinear
-from ._common import (
+from .common import (
     Log,
     mean_tangent_norm,
     new_figure,

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.tables import write_table_atomic as write_table
 from ..models import NORM_FREE, PoincareResNet
-from ..training.trainer import NonFiniteError, TrainConfig, resolve_device, train
-from ._common import (
+from ..training.config import resolve_device
+from .common import (
     Log,
+    TrainRecipe,
     as_str_tuple,
     as_tuple,
     mean_tangent_norm,
@@ -32,6 +33,7 @@ from ._common import (
     pick,
     save_figure,
     torch_threads,
+    train_or_none,
     write_json,
 )
 
@@ -131,38 +133,26 @@ def run(
                     }
                 )
         if train_runs:
+            recipe = TrainRecipe(
+                dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+            )
             for name in as_str_tuple(models):
-                cfg = TrainConfig(
-                    model=name,
-                    dataset=dataset,
-                    data_dir=data_dir,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    limit_train=limit_train,
-                    seed=seed,
-                    threads=threads,
-                    device=device,
-                    out=str(out / "runs" / name),
-                    overwrite=True,
-                    progress=False,
-                )
+                cfg = recipe.config(name, out / "runs" / name)
                 row: dict[str, Any] = {
                     "part": "train",
                     "model": name,
                     "dataset": dataset,
                     "epochs": epochs,
                 }
-                try:
-                    s = train(cfg, log=lambda _m: None)
+                s = train_or_none(cfg, log, f"norm-free: {name}")
+                if s is None:
+                    row.update(test_top1=float("nan"), error="non-finite")
+                else:
                     row.update(
                         test_top1=s["test_top1"],
                         best_val_top1=s["best_val_top1"],
                         mean_epoch_time_s=s["mean_epoch_time_s"],
                     )
-                except NonFiniteError as e:
-                    log(f"norm-free: {name} diverged: {e}")
-                    row.update(test_top1=float("nan"), error="non-finite")
                 train_rows.append(row)
     write_table(init_rows, out / SLUG)
     if train_rows:

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .trainer import TrainConfig
+from .config import TrainConfig
 
 __all__ = ["ConfigFileError", "check_config_dict", "load_config_file", "merge_config"]
 

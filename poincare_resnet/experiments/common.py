@@ -1,8 +1,10 @@
-"""Helpers shared by the experiments: threads, option parsing, timing, figures, probes."""
+"""Helpers shared by the experiments and the CLI: threads, option parsing, timing, figures,
+probes, and the training recipe the experiments share."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +20,8 @@ import torch
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from ..training.config import TrainConfig
 
 Log = Callable[[str], None]
 
@@ -139,3 +144,79 @@ def run_probe(spec: dict[str, Any], timeout: float | None = None) -> dict[str, A
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {spec} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The training options an experiment applies to each of its runs.
+
+    Parameters
+    ----------
+    dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+        As the :class:`~poincare_resnet.training.TrainConfig` fields of the same names.
+    """
+
+    dataset: str
+    data_dir: str | None
+    epochs: int
+    batch_size: int
+    lr: float
+    limit_train: int | None
+    seed: int
+    threads: int | None
+    device: str
+
+    def config(self, model: str, out: Path, **options: Any) -> TrainConfig:
+        """The configuration of one quiet run of ``model`` into ``out`` (replaced if there).
+
+        Parameters
+        ----------
+        model : str
+            A registered model name.
+        out : Path
+            The run directory.
+        **options
+            Further :class:`~poincare_resnet.training.TrainConfig` fields.
+
+        Returns
+        -------
+        TrainConfig
+            The recipe with ``overwrite=True`` and ``progress=False``.
+        """
+        from ..training.config import TrainConfig
+
+        return TrainConfig(
+            model=model,
+            **dataclasses.asdict(self),
+            out=str(out),
+            overwrite=True,
+            progress=False,
+            **options,
+        )
+
+
+def train_or_none(cfg: TrainConfig, log: Log, what: str) -> dict[str, Any] | None:
+    """:func:`~poincare_resnet.training.train` without its log lines; ``None`` (and the log line
+    ``"<what> diverged: ..."``) when it stops on a non-finite loss.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run.
+    log : callable
+        Where the divergence is reported.
+    what : str
+        The run's name in that line.
+
+    Returns
+    -------
+    dict or None
+        The run's summary.
+    """
+    from ..training.trainer import NonFiniteError, train
+
+    try:
+        return train(cfg, log=lambda _m: None)
+    except NonFiniteError as e:
+        log(f"{what} diverged: {e}")
+        return None
