@@ -38,6 +38,23 @@ def _predictions(logits_or_preds: torch.Tensor | np.ndarray) -> np.ndarray:
     return t.detach().cpu().long().numpy().reshape(-1)
 
 
+def _labels(
+    logits_or_preds: torch.Tensor, targets: torch.Tensor, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Predicted and true labels as int arrays ``[B]`` and the number of classes (given, the
+    logits' width, or one more than the largest label)."""
+    preds = _predictions(logits_or_preds)
+    y = torch.as_tensor(targets).detach().cpu().long().numpy().reshape(-1)
+    if num_classes is None:
+        t = torch.as_tensor(logits_or_preds)
+        num_classes = (
+            int(t.shape[1])
+            if t.ndim == 2
+            else int(max(preds.max(initial=-1), y.max(initial=-1)) + 1)
+        )
+    return preds, y, num_classes
+
+
 def accuracy_topk(
     logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
@@ -73,15 +90,7 @@ def per_class_accuracy(
 
     Accepts logits ``[B, K]`` or predicted labels ``[B]``; classes without samples get NaN.
     """
-    preds = _predictions(logits_or_preds)
-    y = torch.as_tensor(targets).detach().cpu().long().numpy().reshape(-1)
-    if num_classes is None:
-        t = torch.as_tensor(logits_or_preds)
-        num_classes = (
-            int(t.shape[1])
-            if t.ndim == 2
-            else int(max(preds.max(initial=-1), y.max(initial=-1)) + 1)
-        )
+    preds, y, num_classes = _labels(logits_or_preds, targets, num_classes)
     correct = np.bincount(y[preds == y], minlength=num_classes).astype(np.float64)
     total = np.bincount(y, minlength=num_classes).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -92,15 +101,7 @@ def confusion_matrix(
     logits_or_preds: torch.Tensor, targets: torch.Tensor, num_classes: int | None = None
 ) -> np.ndarray:
     """Confusion matrix ``C[i, j] = #{true class i, predicted class j}`` (sklearn convention)."""
-    preds = _predictions(logits_or_preds)
-    y = torch.as_tensor(targets).detach().cpu().long().numpy().reshape(-1)
-    if num_classes is None:
-        t = torch.as_tensor(logits_or_preds)
-        num_classes = (
-            int(t.shape[1])
-            if t.ndim == 2
-            else int(max(preds.max(initial=-1), y.max(initial=-1)) + 1)
-        )
+    preds, y, num_classes = _labels(logits_or_preds, targets, num_classes)
     return skm.confusion_matrix(y, preds, labels=np.arange(num_classes))
 
 
