@@ -75,6 +75,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     ConfigFileError
         Missing file, unknown suffix, a parse error, a key that is not a field, or a value whose
         type does not match the field's.
+
+    Returns
+    -------
+    dict
+        The checked values by field name.
     """
     p = Path(path)
     kind = FORMATS.get(p.suffix.lower())
@@ -133,6 +138,18 @@ def check_config_dict(data: dict[str, Any], source: str = "config") -> dict[str,
     ``config.json`` next to the options) are skipped: the repeated run builds its network from
     ``model`` and ``model_kwargs`` with today's registry defaults. ``bool`` is not accepted for
     numeric fields, nor a number for a ``bool`` field. Returns a new dict with underscore keys.
+
+    Parameters
+    ----------
+    data : dict
+        ``{key: value}`` as read from a file.
+    source : str
+        The file's name in error messages.
+
+    Returns
+    -------
+    dict
+        The checked values by field name.
     """
     types = _field_types()
     out: dict[str, Any] = {}
@@ -171,6 +188,11 @@ def merge_config(
         Every :class:`TrainConfig` field as the command line resolved it (defaults included).
     given : set of str
         The fields set explicitly on the command line.
+
+    Returns
+    -------
+    dict
+        Every field's value: the command line's where given, else the file's, else the default.
     """
     merged = dict(cli_values)
     for key, value in file_values.items():
@@ -184,6 +206,16 @@ def explicit_train_fields(argv: list[str]) -> set[str]:
 
     Re-parses ``argv`` with every default of the ``train`` parser replaced by
     ``argparse.SUPPRESS``, so only the options actually written appear.
+
+    Parameters
+    ----------
+    argv : list of str
+        The arguments after ``train``.
+
+    Returns
+    -------
+    set of str
+        Field names (underscore form).
     """
     import argparse
 

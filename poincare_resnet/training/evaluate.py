@@ -21,7 +21,30 @@ def evaluate_split(
     precision: str = "fp32",
     return_logits: bool = False,
 ) -> dict[str, Any]:
-    """Loss, top-1 and top-5 accuracy (fractions) of ``model`` in eval mode."""
+    """Loss, top-1 and top-5 accuracy (fractions) of ``model`` in eval mode.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier (its ``training`` flag is restored afterwards).
+    x : Tensor
+        Images ``[N, C, H, W]``.
+    y : Tensor
+        Labels ``[N]``.
+    batch_size : int
+        Images per forward pass.
+    device : torch.device or str
+        Where the model runs.
+    precision : str
+        ``fp32``, ``bf16`` or ``fp16`` autocast.
+    return_logits : bool
+        Also return the CPU logits ``[N, K]``.
+
+    Returns
+    -------
+    dict
+        ``loss`` (mean cross-entropy), ``top1``, ``top5`` (and ``logits``).
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()

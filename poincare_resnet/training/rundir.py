@@ -106,7 +106,13 @@ def _not_a_run(run: Path) -> str | None:
 
 def check_replaceable(run: Path) -> None:
     """Raise :class:`RunDirError` unless ``--overwrite`` may replace directory ``run``: its
-    ``config.json`` carries this tool's marker and it holds nothing this tool did not write."""
+    ``config.json`` carries this tool's marker and it holds nothing this tool did not write.
+
+    Parameters
+    ----------
+    run : Path
+        The directory ``--overwrite`` would replace.
+    """
     why = _not_a_run(run)
     if why is None:
         foreign = _foreign_entries(run)
@@ -124,7 +130,13 @@ def check_replaceable(run: Path) -> None:
 
 def remove_run_files(run: Path) -> None:
     """Delete the files this tool wrote in run directory ``run`` (after :func:`check_replaceable`
-    passes again), then its subdirectories that are left empty; ``run`` itself is kept."""
+    passes again), then its subdirectories that are left empty; ``run`` itself is kept.
+
+    Parameters
+    ----------
+    run : Path
+        A run directory of this tool.
+    """
     check_replaceable(run)
     for entry in sorted(run.iterdir()):
         if entry.is_dir():
@@ -136,7 +148,20 @@ def remove_run_files(run: Path) -> None:
 
 
 def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
-    """Create (or check) the run directory without touching another run's files."""
+    """Create (or check) the run directory without touching another run's files.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        ``out`` (default ``runs/<model>-<dataset>-<time>``) and ``overwrite``.
+    resume : str, optional
+        A run directory to continue (must hold ``config.json``).
+
+    Returns
+    -------
+    Path
+        The run directory (created later, by rank 0, in :func:`start_run_dir`).
+    """
     if resume:
         run = Path(resume)
         if not (run / "config.json").is_file():
@@ -158,7 +183,15 @@ def prepare_run_dir(cfg: TrainConfig, resume: str | None) -> Path:
 
 def check_output_dir(path: str | os.PathLike[str], what: str = "output directory") -> None:
     """Raise :class:`RunDirError` unless directory ``path`` exists or can be created: no
-    component is a file and the nearest existing directory is writable. Creates nothing."""
+    component is a file and the nearest existing directory is writable. Creates nothing.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The directory.
+    what : str
+        Its name in the error message.
+    """
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -174,7 +207,17 @@ def check_output_dir(path: str | os.PathLike[str], what: str = "output directory
 
 def start_run_dir(run: Path, cfg: TrainConfig, model: nn.Module) -> None:
     """Rank 0, new run: replace the old run (``--overwrite``), create ``run``, write
-    ``config.json`` (the options, this tool's marker and the resolved model config)."""
+    ``config.json`` (the options, this tool's marker and the resolved model config).
+
+    Parameters
+    ----------
+    run : Path
+        The run directory.
+    cfg : TrainConfig
+        The run's options.
+    model : nn.Module
+        The built network (its ``model_name`` and ``model_config``).
+    """
     if cfg.overwrite and run.is_dir():
         remove_run_files(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -189,7 +232,18 @@ def start_run_dir(run: Path, cfg: TrainConfig, model: nn.Module) -> None:
 
 
 def load_run_config(run: Path) -> TrainConfig:
-    """The options stored in ``run/config.json``; :class:`RunDirError` if it is unreadable."""
+    """The options stored in ``run/config.json``; :class:`RunDirError` if it is unreadable.
+
+    Parameters
+    ----------
+    run : Path
+        A run directory.
+
+    Returns
+    -------
+    TrainConfig
+        Its options (keys that are not fields, such as the marker, are left out).
+    """
     try:
         data = json.loads((run / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

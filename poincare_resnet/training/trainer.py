@@ -154,7 +154,30 @@ class StepState:
 
     @classmethod
     def create(cls, cfg, model, train_model, optimizer, scaler, device, info) -> StepState:
-        """Fresh flags and sums on ``device`` (the sums are set per epoch by the loop)."""
+        """Fresh flags and sums on ``device`` (the sums are set per epoch by the loop).
+
+        Parameters
+        ----------
+        cfg : TrainConfig
+            The run's options.
+        model : nn.Module
+            The network (its buffers are what ``--nan-policy skip`` restores).
+        train_model : nn.Module
+            The module the step calls (``model``, DDP-wrapped or compiled).
+        optimizer : torch.optim.Optimizer
+            The optimizer.
+        scaler : torch.amp.GradScaler
+            The fp16 loss scaler (disabled otherwise).
+        device : torch.device
+            The training device.
+        info : DistInfo
+            The run's processes.
+
+        Returns
+        -------
+        StepState
+            With ``bad`` false, zero sums and no scaler skips.
+        """
         return cls(
             cfg=cfg,
             model=model,
@@ -205,6 +228,20 @@ def train_step(st: StepState, xb: Tensor, yb: Tensor) -> Tensor:
     skipped on the device (the fused optimizer's ``found_inf``); under ``--nan-policy skip`` a
     NaN event also restores the batch norm running statistics. The sums leave NaN events out.
     The flag is a 0-dim device tensor.
+
+    Parameters
+    ----------
+    st : StepState
+        The model, optimizer, scaler, flags and sums (updated in place).
+    xb : Tensor
+        A batch of images on the training device.
+    yb : Tensor
+        Its labels.
+
+    Returns
+    -------
+    Tensor
+        The step's NaN-event flag (0-dim bool, on the device).
     """
     cfg = st.cfg
     skip_policy = cfg.nan_policy == "skip"
@@ -259,7 +296,15 @@ class LateFlags:
         self._pending: list[tuple[int, Tensor, Any]] = []
 
     def push(self, step: int, flag: Tensor) -> None:
-        """Queue the flag of ``step`` (a 0-dim bool tensor on the device)."""
+        """Queue the flag of ``step`` (a 0-dim bool tensor on the device).
+
+        Parameters
+        ----------
+        step : int
+            The step's index.
+        flag : Tensor
+            Its NaN-event flag.
+        """
         event = None
         if self.cuda:
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -270,7 +315,18 @@ class LateFlags:
         self._pending.append((step, flag, event))
 
     def pop_set(self, flush: bool = False) -> list[int]:
-        """Steps whose flag was set, among those at least ``lag`` steps old (all if ``flush``)."""
+        """Steps whose flag was set, among those at least ``lag`` steps old (all if ``flush``).
+
+        Parameters
+        ----------
+        flush : bool
+            Read every queued flag, however recent.
+
+        Returns
+        -------
+        list of int
+            The steps whose flag was set (the others are dropped too).
+        """
         cut = len(self._pending) - (0 if flush else self.lag)
         ready, self._pending = self._pending[: max(cut, 0)], self._pending[max(cut, 0) :]
         out = []
@@ -560,7 +616,13 @@ def _resume(run: Run) -> None:
 
 
 def save_resume_checkpoint(run: Run) -> None:
-    """Rank 0 writes a rotating resume checkpoint of the whole run; every rank waits for it."""
+    """Rank 0 writes a rotating resume checkpoint of the whole run; every rank waits for it.
+
+    Parameters
+    ----------
+    run : Run
+        The run (its model, optimizer, scheduler, scaler, RNG, loader position and state).
+    """
     if run.info.is_main:
         run.manager.save(
             run.state["step"],
@@ -883,7 +945,20 @@ def _build_model(cfg: TrainConfig, data: DatasetSplits, run: Path | None) -> nn.
 
 
 def ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
-    """Whether every process holds bit-identical parameters and buffers (compared to rank 0)."""
+    """Whether every process holds bit-identical parameters and buffers (compared to rank 0).
+
+    Parameters
+    ----------
+    model : nn.Module
+        This process's replica.
+    info : DistInfo
+        The run's processes (a process group must exist).
+
+    Returns
+    -------
+    bool
+        True when no floating-point entry of the state differs from rank 0's.
+    """
     import torch.distributed as dist
 
     flat = torch.cat(
