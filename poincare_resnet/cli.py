@@ -491,6 +491,13 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``poincare-resnet`` command line.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser of every command (``train``, ``evaluate``, ``ood``, ``attack``, ...).
+    """
     parser = _Parser(
         prog="poincare-resnet",
         description="Train and evaluate fully hyperbolic (Poincaré) ResNets.",
@@ -503,6 +510,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command of the CLI.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: 0 done, 2 bad input (one line naming it), 3 training diverged.
+    """
     from .training.checkpoint import CheckpointError
     from .training.trainer import NonFiniteError
 

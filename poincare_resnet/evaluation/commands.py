@@ -70,7 +70,24 @@ def load_checkpoint_data(
     device: str = "cpu",
     dataset: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Any]:
-    """``(model, meta, DatasetSplits)``: the checkpoint's model and the dataset it names."""
+    """``(model, meta, DatasetSplits)``: the checkpoint's model and the dataset it names.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint file or a run directory.
+    data_dir : str, optional
+        Where the dataset lives.
+    device : str
+        Where the model goes.
+    dataset : str, optional
+        Another dataset than the checkpoint's.
+
+    Returns
+    -------
+    tuple
+        ``(model, meta, DatasetSplits)``.
+    """
     from ..api import load_model
     from ..data import load_dataset
 
@@ -101,7 +118,22 @@ def resolve_ood_sets(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Each name is a builtin synthetic set (:data:`OOD_SET_NAMES`) or a path: a directory of
-    PNG/JPEG images or a CIFAR-format file, loaded at the shape of ``in_x`` ``[N, C, H, W]``."""
+    PNG/JPEG images or a CIFAR-format file, loaded at the shape of ``in_x`` ``[N, C, H, W]``.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Builtin set names or paths.
+    in_x : Tensor
+        The in-distribution images.
+    seed : int
+        Seed of the synthetic sets.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The OOD image sets by name, in the dtype of ``in_x``.
+    """
     from ..data import load_images_dir
 
     out: dict[str, torch.Tensor] = {}
@@ -190,6 +222,30 @@ def run_ood(
     """OOD detection of a checkpoint: ID = its test set, OOD = builtin sets or image paths.
 
     Writes ``ood.csv`` / ``ood.md``, ``roc_<score>.png`` and ``hist_<score>.png`` into ``out``.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint file or a run directory.
+    ood_sets : sequence of str
+        Builtin set names or paths.
+    data_dir, dataset : str, optional
+        As in :func:`load_checkpoint_data`.
+    out : str or Path, optional
+        Output directory.
+    scores : sequence of str
+        OOD score names.
+    repeats, subsample, seed
+        As in :func:`~poincare_resnet.evaluation.ood.ood_rows_from_scores`.
+    device : str
+        Where the model runs.
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    list of dict
+        One row per (set, score), with the model and dataset names.
     """
     if not ood_sets:
         raise ValueError("give at least one OOD set")
@@ -232,7 +288,34 @@ def attack_rows(
     device: str | torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Robust accuracy rows ``{attack, eps, eps_255, accuracy, clean_accuracy, ...}`` for every
-    attack and ε (``eps`` in [-1, 1] input units)."""
+    attack and ε (``eps`` in [-1, 1] input units).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier (eval mode is the caller's choice).
+    x : Tensor
+        Images ``[B, C, H, W]`` in ``[-1, 1]``.
+    y : Tensor
+        Labels ``[B]``.
+    attacks : sequence of str
+        ``fgsm`` and/or ``pgd``.
+    eps : sequence of float
+        The radii.
+    steps, step_size, random_start
+        PGD's settings (:func:`~poincare_resnet.evaluation.pgd`).
+    seed : int
+        Seed of PGD's random start.
+    batch_size : int
+        Images per batch.
+    device : str or torch.device, optional
+        Where the model runs.
+
+    Returns
+    -------
+    list of dict
+        One row per (attack, ε).
+    """
     rows: list[dict[str, Any]] = []
     x = x.to(_model_dtype(model))
     for name in attacks:
@@ -278,7 +361,26 @@ def run_attack(
     batch_size: int = 256,
 ) -> list[dict[str, Any]]:
     """FGSM / PGD robust accuracy of a checkpoint on (a seeded subset of ``limit`` images of)
-    its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``."""
+    its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint file or a run directory.
+    attacks, eps, steps, step_size, random_start, seed, batch_size
+        As in :func:`attack_rows`.
+    limit : int, optional
+        Attack this many random test images.
+    out : str or Path, optional
+        Output directory.
+    device, data_dir, dataset
+        As in :func:`load_checkpoint_data`.
+
+    Returns
+    -------
+    list of dict
+        The rows of ``attack.csv``.
+    """
     if not attacks:
         raise ValueError("give at least one attack")
     for name in attacks:
@@ -326,7 +428,24 @@ def run_explain(
 ) -> list[dict[str, Any]]:
     """Grad-CAM and input saliency of each checkpoint for a few test images (``images``: how
     many from the start, or a list of test indices); all models side by side in
-    ``explanations.png``, predictions in ``explanations.csv`` / ``.md``."""
+    ``explanations.png``, predictions in ``explanations.csv`` / ``.md``.
+
+    Parameters
+    ----------
+    checkpoints : sequence of str or Path
+        Checkpoint files or run directories (the first names the dataset).
+    images : int or sequence of int
+        How many test images, or which.
+    out : str or Path, optional
+        Output directory.
+    data_dir, device, dataset
+        As in :func:`load_checkpoint_data`.
+
+    Returns
+    -------
+    list of dict
+        One row per (model, image): label, prediction, confidence.
+    """
     if isinstance(checkpoints, str | Path):
         checkpoints = [checkpoints]
     if not checkpoints:

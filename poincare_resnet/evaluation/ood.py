@@ -33,12 +33,36 @@ OOD_SET_NAMES: tuple[str, ...] = ("gaussian", "uniform", "inverted", "hflip", "v
 
 
 def energy_score(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """Negative free energy ``-E(x) = T · logsumexp(f(x) / T)`` (higher = more ID), ``[B]``."""
+    """Negative free energy ``-E(x) = T · logsumexp(f(x) / T)`` (higher = more ID), ``[B]``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, K]``.
+    T : float
+        The temperature.
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` scores.
+    """
     return T * torch.logsumexp(logits / T, dim=-1)
 
 
 def msp_score(logits: torch.Tensor) -> torch.Tensor:
-    """Maximum softmax probability ``max_k softmax(f(x))_k`` (higher = more ID), shape ``[B]``."""
+    """Maximum softmax probability ``max_k softmax(f(x))_k`` (higher = more ID), shape ``[B]``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, K]``.
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` scores.
+    """
     return torch.softmax(logits, dim=-1).amax(dim=-1)
 
 
@@ -51,6 +75,16 @@ def feature_norm_score(features: torch.Tensor) -> torch.Tensor:
     Sign convention: ``+distance`` — ID samples of hyperbolic nets sit farther from the origin
     (more confident), so higher = more ID.  For a Euclidean model this is ``2‖f‖``, a monotone
     rescaling of the feature norm (same AUROC/FPR/AUPR).
+
+    Parameters
+    ----------
+    features : Tensor
+        Pooled tangent features ``[B, D]`` (or ``[B, D, 1, 1]``).
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` scores.
     """
     return 2.0 * torch.linalg.vector_norm(features.flatten(1), dim=-1)
 
@@ -64,7 +98,18 @@ SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own ``training`` flag on exit."""
+    """Put every submodule in eval mode and restore each one's own ``training`` flag on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+
+    Yields
+    ------
+    nn.Module
+        ``model``, in eval mode.
+    """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -90,6 +135,22 @@ def collect_outputs(
     """Run ``model`` in eval mode without grad; return CPU ``(logits [N, K], features [N, D])``.
 
     Features come from ``forward_features`` and logits from ``forward_head(features)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier with ``forward_features`` and ``forward_head``.
+    x : Tensor
+        Images ``[N, C, H, W]`` (at least one).
+    batch_size : int
+        Images per forward pass.
+    device : torch.device or str, optional
+        Where the model runs (default: that of its parameters).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(logits, features)`` on the CPU.
     """
     dev = _model_device(model, device)
     logits_all, feats_all = [], []
@@ -273,6 +334,20 @@ def make_ood_sets(
       close to ID for datasets trained with flip augmentation);
     * ``digits``: scikit-learn's 8×8 digits scaled to ``[-1, 1]``, bilinearly resized to
       ``H × W`` and repeated over the ``C`` channels.
+
+    Parameters
+    ----------
+    in_x : Tensor
+        The ID test images.
+    names : sequence of str
+        Which sets (of :data:`OOD_SET_NAMES`).
+    seed : int
+        Seed of the noise sets.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The sets by name.
     """
     if in_x.ndim != 4:
         raise ValueError(f"expected images [N, C, H, W], got {tuple(in_x.shape)}")

@@ -54,7 +54,22 @@ def plot_roc_curves(
     curves: Mapping[str, object], path: PathLike, title: str = "ROC (ID = positive)"
 ) -> Path:
     """ROC curves, one per entry: ``name -> (fpr, tpr[, thresholds])`` or ``{"fpr", "tpr"}``;
-    the legend shows ``AUROC = ∫ tpr d fpr``."""
+    the legend shows ``AUROC = ∫ tpr d fpr``.
+
+    Parameters
+    ----------
+    curves : mapping
+        Curves by name.
+    path : str or Path
+        The PNG.
+    title : str
+        The figure's title.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
     fig = _new_figure((5.0, 4.5))
     ax = fig.add_subplot()
     for name, curve in curves.items():
@@ -79,7 +94,24 @@ def plot_roc_curves(
 def plot_score_histograms(
     scores_in: object, scores_out_dict: Mapping[str, object], path: PathLike, title: str = ""
 ) -> Path:
-    """Overlaid density histograms of ID scores and each OOD set's scores (shared bins)."""
+    """Overlaid density histograms of ID scores and each OOD set's scores (shared bins).
+
+    Parameters
+    ----------
+    scores_in : array-like
+        ID scores.
+    scores_out_dict : mapping
+        OOD scores by set.
+    path : str or Path
+        The PNG.
+    title : str
+        The figure's title.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
     s_in = _np(scores_in).reshape(-1)
     outs = {k: _np(v).reshape(-1) for k, v in scores_out_dict.items()}
     allv = np.concatenate([s_in, *outs.values()])
@@ -100,7 +132,22 @@ def plot_accuracy_vs_eps(
     rows: Sequence[Mapping[str, object]], path: PathLike, title: str = "Robust accuracy"
 ) -> Path:
     """Accuracy vs ``ε·255`` per curve; rows as from ``robust_accuracy`` (grouped by the
-    optional ``model`` key and ``attack``), the clean accuracy plotted at ``ε = 0``."""
+    optional ``model`` key and ``attack``), the clean accuracy plotted at ``ε = 0``.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Robust-accuracy rows.
+    path : str or Path
+        The PNG.
+    title : str
+        The figure's title.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
     groups: dict[str, list[Mapping[str, object]]] = {}
     for r in rows:
         key = " / ".join(str(r[k]) for k in ("model", "attack") if k in r) or "accuracy"
@@ -127,7 +174,24 @@ def plot_accuracy_vs_eps(
 def plot_confusion_matrix(
     cm: object, class_names: Sequence[str] | None, path: PathLike, normalize: bool = True
 ) -> Path:
-    """Confusion matrix heat-map (rows = true, columns = predicted), row-normalised by default."""
+    """Confusion matrix heat-map (rows = true, columns = predicted), row-normalised by default.
+
+    Parameters
+    ----------
+    cm : array-like
+        ``[K, K]`` counts.
+    class_names : sequence of str, optional
+        Tick labels.
+    path : str or Path
+        The PNG.
+    normalize : bool
+        Divide each row by its sum.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
     m = _np(cm)
     if normalize:
         m = m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
@@ -184,6 +248,20 @@ def plot_explanations(
     Each value of ``maps_by_model`` is a ``[N, H, W]`` Grad-CAM tensor, a ``[N, 2, H, W]`` tensor
     (Grad-CAM, saliency), a ``(gradcam, saliency)`` pair or a ``{title: [N, H, W]}`` dict.
     Columns titled "Grad-CAM" (or the first column of a model) are drawn as overlays.
+
+    Parameters
+    ----------
+    images : Tensor
+        ``[N, C, H, W]`` in ``[-1, 1]``.
+    maps_by_model : mapping
+        Maps by model name.
+    path : str or Path
+        The PNG.
+
+    Returns
+    -------
+    Path
+        The written PNG.
     """
     imgs = images.detach().cpu()
     n = imgs.shape[0]
@@ -216,7 +294,20 @@ def plot_explanations(
 
 def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: PathLike) -> Path:
     """Loss (left) and accuracy (right) vs epoch for every numeric key present in the rows that
-    contains ``loss`` resp. ``acc``/``top1`` (e.g. ``train_loss``, ``val_loss``, ``val_acc``)."""
+    contains ``loss`` resp. ``acc``/``top1`` (e.g. ``train_loss``, ``val_loss``, ``val_acc``).
+
+    Parameters
+    ----------
+    metrics_rows : sequence of mapping
+        The rows of ``metrics.jsonl``.
+    path : str or Path
+        The PNG.
+
+    Returns
+    -------
+    Path
+        The written PNG.
+    """
     keys: list[str] = []
     for r in metrics_rows:
         keys += [k for k, v in r.items() if k not in keys and k != "epoch" and is_number(v)]
