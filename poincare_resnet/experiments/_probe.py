@@ -140,7 +140,18 @@ KINDS = {"bn": _bn, "resnet_step": _resnet_step}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the probe described by the JSON argument and print its JSON result."""
+    """Run the probe described by the JSON argument and print its JSON result.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        ``[spec JSON]`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0.
+    """
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(args[0])
     if spec.get("threads"):

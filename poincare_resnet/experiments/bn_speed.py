@@ -51,7 +51,28 @@ def time_bn(
     seed: int = 0,
     device: str = "cpu",
 ) -> float:
-    """Median forward + backward time (s) of one Poincaré batch norm in train mode."""
+    """Median forward + backward time (s) of one Poincaré batch norm in train mode.
+
+    Parameters
+    ----------
+    mean : str
+        ``"midpoint"`` or ``"frechet"``.
+    batch, width, size : int
+        The map's shape ``(batch, width, size, size)``.
+    repeats : int
+        Timed calls.
+    c : float
+        The curvature.
+    seed : int
+        Seed of the input.
+    device : str
+        Where it runs.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
     dev = torch.device(device)
     bn = PoincareBatchNorm2d(width, c=c, mean=mean).to(dev)
     gen = torch.Generator().manual_seed(seed)
@@ -138,7 +159,28 @@ def run(
     timeout: float | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Timing / memory table over batch sizes and widths, plus the accuracy of short runs."""
+    """Timing / memory table over batch sizes and widths, plus the accuracy of short runs.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the tables, the figure and the summary go.
+    tiny : bool
+        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    batch_sizes, widths, size, repeats, memory, c
+        The speed and memory grid (``memory``: measure peak memory in fresh processes).
+    model, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
+        The short training runs (``train_runs=False`` skips them).
+    seed, threads, device, timeout
+        Seed, torch CPU threads, device and the memory probes' timeout (s).
+    log : callable
+        Where progress lines go.
+
+    Returns
+    -------
+    list of dict
+        The table rows (speed rows, then training rows).
+    """
     out = Path(out_dir)
     batch_sizes = as_tuple(pick(batch_sizes, (32, 128), (8,), tiny))
     widths = as_tuple(pick(widths, (8, 16), (4,), tiny))

@@ -28,7 +28,17 @@ Log = Callable[[str], None]
 
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` torch CPU threads (``None``: unchanged), then restore."""
+    """Run the block with ``threads`` torch CPU threads (``None``: unchanged), then restore.
+
+    Parameters
+    ----------
+    threads : int, optional
+        Torch CPU threads inside the block (>= 1).
+
+    Yields
+    ------
+    None
+    """
     previous = torch.get_num_threads()
     if threads:
         if int(threads) < 1:
@@ -41,7 +51,20 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def as_tuple(value: Any, cast: Callable[[Any], Any] = int) -> tuple:
-    """``"8,20,32"``, ``8`` or ``[8, 20]`` → a tuple of ``cast`` values."""
+    """``"8,20,32"``, ``8`` or ``[8, 20]`` → a tuple of ``cast`` values.
+
+    Parameters
+    ----------
+    value : str, sequence or scalar
+        A comma list, a sequence or one value.
+    cast : callable
+        Converts each item.
+
+    Returns
+    -------
+    tuple
+        At least one value (``ValueError`` naming ``value`` otherwise).
+    """
     if isinstance(value, str):
         items: Sequence[Any] = [v for v in value.replace(" ", "").split(",") if v]
     elif isinstance(value, Sequence):
@@ -58,19 +81,58 @@ def as_tuple(value: Any, cast: Callable[[Any], Any] = int) -> tuple:
 
 
 def as_str_tuple(value: Any) -> tuple[str, ...]:
-    """``"a,b"`` or ``["a", "b"]`` → ``("a", "b")``."""
+    """``"a,b"`` or ``["a", "b"]`` → ``("a", "b")``.
+
+    Parameters
+    ----------
+    value : str or sequence of str
+        A comma list or a sequence.
+
+    Returns
+    -------
+    tuple of str
+    """
     return as_tuple(value, str)
 
 
 def pick(value: Any, default: Any, tiny_default: Any, tiny: bool) -> Any:
-    """``value`` if given, else the tiny or the full default."""
+    """``value`` if given, else the tiny or the full default.
+
+    Parameters
+    ----------
+    value : Any
+        The caller's value (``None``: not given).
+    default, tiny_default : Any
+        The full and the tiny default.
+    tiny : bool
+        Which default.
+
+    Returns
+    -------
+    Any
+    """
     if value is not None:
         return value
     return tiny_default if tiny else default
 
 
 def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    """Median wall time (``time.perf_counter``) of ``fn()`` over ``repeats`` calls, in seconds."""
+    """Median wall time (``time.perf_counter``) of ``fn()`` over ``repeats`` calls, in seconds.
+
+    Parameters
+    ----------
+    fn : callable
+        What is timed.
+    repeats : int
+        Timed calls (at least one).
+    warmup : int
+        Untimed calls first.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
     for _ in range(warmup):
         fn()
     times = []
@@ -82,7 +144,17 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
 
 
 def count_graph_nodes(grad_fn: Any) -> int:
-    """Number of autograd nodes reachable from ``grad_fn`` through ``next_functions``."""
+    """Number of autograd nodes reachable from ``grad_fn`` through ``next_functions``.
+
+    Parameters
+    ----------
+    grad_fn : torch.autograd graph node
+        A tensor's ``grad_fn``.
+
+    Returns
+    -------
+    int
+    """
     seen: set[int] = set()
     stack = [grad_fn]
     while stack:
@@ -95,12 +167,37 @@ def count_graph_nodes(grad_fn: Any) -> int:
 
 
 def mean_tangent_norm(u: torch.Tensor, dim: int) -> float:
-    """Mean Euclidean norm of the tangent vectors of ``u`` along ``dim``."""
+    """Mean Euclidean norm of the tangent vectors of ``u`` along ``dim``.
+
+    Parameters
+    ----------
+    u : Tensor
+        Tangent vectors.
+    dim : int
+        Their axis.
+
+    Returns
+    -------
+    float
+    """
     return float(torch.linalg.vector_norm(u.double(), dim=dim).mean())
 
 
 def new_figure(ncols: int = 1, size: tuple[float, float] = (5.0, 4.0)) -> tuple[Figure, list]:
-    """An off-screen figure with ``ncols`` axes side by side (pyplot is never touched)."""
+    """An off-screen figure with ``ncols`` axes side by side (pyplot is never touched).
+
+    Parameters
+    ----------
+    ncols : int
+        Axes side by side.
+    size : tuple of float
+        One axes' size in inches.
+
+    Returns
+    -------
+    tuple
+        ``(figure, axes list)``.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -111,7 +208,20 @@ def new_figure(ncols: int = 1, size: tuple[float, float] = (5.0, 4.0)) -> tuple[
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
-    """Write ``fig`` as a PNG, atomically (:func:`~.training.checkpoint.atomic_output`)."""
+    """Write ``fig`` as a PNG, atomically (:func:`~.training.checkpoint.atomic_output`).
+
+    Parameters
+    ----------
+    fig : Figure
+        The figure.
+    path : Path
+        The PNG.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     from ..training.checkpoint import atomic_output
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +231,15 @@ def save_figure(fig: Figure, path: Path) -> Path:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON, atomically."""
+    """Write ``data`` as indented JSON, atomically.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    data : dict
+        JSON-serialisable data (other values via ``str``).
+    """
     from ..training.checkpoint import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +248,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 def run_probe(spec: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
     """Run :mod:`poincare_resnet.experiments._probe` on ``spec`` in a fresh Python process
-    (so its peak-RSS measurement sees only that configuration) and return its JSON result."""
+    (so its peak-RSS measurement sees only that configuration) and return its JSON result.
+
+    Parameters
+    ----------
+    spec : dict
+        The probe's configuration (``kind``, sizes, ``device``, ``threads``, ...).
+    timeout : float, optional
+        Seconds before the probe is killed (``RuntimeError``).
+
+    Returns
+    -------
+    dict
+        The probe's measurements (``peak_mib``, ``method``, ...).
+    """
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

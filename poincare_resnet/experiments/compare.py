@@ -60,7 +60,32 @@ def run(
     log: Log = print,
 ) -> list[dict[str, Any]]:
     """Train every model of ``models`` with one recipe and evaluate it; one wide table row per
-    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``)."""
+    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``).
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the tables, the figure and the summary go.
+    tiny : bool
+        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    models : sequence of str
+        Registered model names.
+    dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, limit_train
+        The one training recipe.
+    ood_sets, scores, repeats
+        The OOD evaluation.
+    attacks, eps, pgd_steps, attack_limit
+        The robustness evaluation.
+    seed, threads, device
+        Seed, torch CPU threads and device.
+    log : callable
+        Where progress lines go.
+
+    Returns
+    -------
+    list of dict
+        The table rows, one per model.
+    """
     out = Path(out_dir)
     models = as_str_tuple(models)
     dataset = pick(dataset, "fashion-mnist", "digits", tiny)

@@ -53,7 +53,26 @@ def run(
     timeout: float | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Graph nodes, peak memory and step time per (depth, backward mode); table + figure."""
+    """Graph nodes, peak memory and step time per (depth, backward mode); table + figure.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the tables, the figure and the summary go.
+    tiny : bool
+        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    depths, batch_size, size, in_chans, widths, repeats
+        The networks and their input.
+    seed, threads, device, timeout
+        Seed, torch CPU threads, device and the probes' timeout (s).
+    log : callable
+        Where progress lines go.
+
+    Returns
+    -------
+    list of dict
+        The table rows, one per (depth, backward mode).
+    """
     out = Path(out_dir)
     depths = as_tuple(pick(depths, (8, 20, 32), (8,), tiny))
     batch_size = int(pick(batch_size, 128, 4, tiny))

@@ -51,7 +51,22 @@ def _random_tangents(
 
 @torch.no_grad()
 def norm_profile(layers: list[torch.nn.Module], u: torch.Tensor, dim: int) -> list[float]:
-    """Mean tangent norm after each layer relative to the input's (entry 0 is the input: 1)."""
+    """Mean tangent norm after each layer relative to the input's (entry 0 is the input: 1).
+
+    Parameters
+    ----------
+    layers : list of nn.Module
+        Applied in order.
+    u : Tensor
+        The input tangent vectors.
+    dim : int
+        Their axis.
+
+    Returns
+    -------
+    list of float
+        ``len(layers) + 1`` ratios.
+    """
     base = mean_tangent_norm(u, dim)
     out = [1.0]
     for layer in layers:
@@ -76,7 +91,26 @@ def run(
     threads: int | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Relative tangent norm per layer for every (layer kind, init); table + figure."""
+    """Relative tangent norm per layer for every (layer kind, init); table + figure.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the tables, the figure and the summary go.
+    tiny : bool
+        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    depth, features, channels, size, batch, input_norm, c, dtype
+        The layer stacks and their input.
+    seed, threads
+        Seed and torch CPU threads.
+    log : callable
+        Where progress lines go.
+
+    Returns
+    -------
+    list of dict
+        The table rows, one per (layer kind, init).
+    """
     out = Path(out_dir)
     depth = int(pick(depth, 50, 10, tiny))
     batch = int(pick(batch, 64, 8, tiny))

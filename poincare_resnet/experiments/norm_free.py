@@ -59,7 +59,26 @@ TRAIN_MODELS = ("poincare_resnet20_nf", "poincare_resnet20")
 def init_norms(
     depth: int, variant: str, x: torch.Tensor, mode: str, seed: int = 0
 ) -> dict[str, float]:
-    """Tangent norms of a freshly initialised ResNet's outputs on ``x``."""
+    """Tangent norms of a freshly initialised ResNet's outputs on ``x``.
+
+    Parameters
+    ----------
+    depth : int
+        The ResNet's depth.
+    variant : str
+        A key of :data:`VARIANTS`.
+    x : Tensor
+        The input batch.
+    mode : str
+        ``"train"`` or ``"eval"`` (batch-norm statistics).
+    seed : int
+        Seed of the initialisation.
+
+    Returns
+    -------
+    dict of str to float
+        ``feature_map_norm``, ``feature_norm``, ``logit_norm``.
+    """
     torch.manual_seed(seed)
     model = PoincareResNet(depth, in_chans=x.shape[1], **VARIANTS[variant]).to(x.device)
     model.train(mode == "train")
@@ -96,7 +115,28 @@ def run(
     device: str = "cpu",
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """(a) init norms vs depth per variant, (b) training comparison; tables + figure."""
+    """(a) init norms vs depth per variant, (b) training comparison; tables + figure.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the tables, the figure and the summary go.
+    tiny : bool
+        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    depths, variants, init_batch, size, in_chans, mode
+        Part (a): the initial norms.
+    models, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
+        Part (b): the training runs (``train_runs=False`` skips them).
+    seed, threads, device
+        Seed, torch CPU threads and device.
+    log : callable
+        Where progress lines go.
+
+    Returns
+    -------
+    list of dict
+        The table rows (init rows, then training rows).
+    """
     out = Path(out_dir)
     depths = as_tuple(pick(depths, (20, 32, 44, 56, 110), (8, 14), tiny))
     variants = as_str_tuple(variants)
