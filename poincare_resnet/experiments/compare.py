@@ -124,50 +124,47 @@ def run(
                 mean_epoch_time_s=summary["mean_epoch_time_s"],
             )
             ood, _, _ = ood_scores_and_rows(model, test_x, sets, scores, repeats, seed=seed)
-            for r in ood:
-                all_ood_rows.append({"model": name, **r})
-                row[f"auroc_{r['score']}_{r['ood_set']}"] = r["auroc"]
-                row[f"fpr95_{r['score']}_{r['ood_set']}"] = r["fpr95"]
-            att = attack_rows(
-                model,
-                test_x[:n_att],
-                test_y[:n_att],
-                attacks,
-                eps,
-                pgd_steps,
-                seed=seed,
-            )
-            for r in att:
-                all_attack_rows.append({"model": name, **r})
-                row[f"{r['attack']}_acc_{_eps_key(r['eps'])}"] = r["accuracy"]
+            attacked = (test_x[:n_att], test_y[:n_att])
+            att = attack_rows(model, *attacked, attacks, eps, pgd_steps, seed=seed)
+            _add_columns(row, ood, att)
+            all_ood_rows += [{"model": name, **r} for r in ood]
+            all_attack_rows += [{"model": name, **r} for r in att]
             rows.append(row)
             log(
                 f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
                 f"{row['mean_epoch_time_s']:.2f} s/epoch"
             )
-    write_table(rows, out / SLUG)
-    if all_ood_rows:
-        write_table(all_ood_rows, out / f"{SLUG}_ood")
-    if all_attack_rows:
-        write_table(all_attack_rows, out / f"{SLUG}_attacks")
-        with atomic_output(out / f"{SLUG}.png") as tmp:
-            plot_accuracy_vs_eps(
-                all_attack_rows,
-                tmp,
-                title=f"Robust accuracy on {dataset} ({n_att} test images)",
-            )
-    write_json(
-        out / f"{SLUG}_summary.json",
-        {
-            "recipe": {
-                "dataset": dataset,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": lr,
-                "optimizer": optimizer,
-                "limit_train": limit_train,
-            },
-            "models": rows,
-        },
-    )
+    title = f"Robust accuracy on {dataset} ({n_att} test images)"
+    _write_tables(out, rows, all_ood_rows, all_attack_rows, title)
+    recipe_facts = {
+        "dataset": dataset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": optimizer,
+        "limit_train": limit_train,
+    }
+    write_json(out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows})
     return rows
+
+
+def _add_columns(row: dict[str, Any], ood: list[dict], att: list[dict]) -> None:
+    """The wide row's ``auroc_<score>_<set>``, ``fpr95_…`` and ``<attack>_acc_<ε·255>``."""
+    for r in ood:
+        row[f"auroc_{r['score']}_{r['ood_set']}"] = r["auroc"]
+        row[f"fpr95_{r['score']}_{r['ood_set']}"] = r["fpr95"]
+    for r in att:
+        row[f"{r['attack']}_acc_{_eps_key(r['eps'])}"] = r["accuracy"]
+
+
+def _write_tables(
+    out: Path, rows: list[dict], ood_rows: list[dict], att_rows: list[dict], title: str
+) -> None:
+    """``compare``, ``compare_ood`` and ``compare_attacks`` tables and the robustness figure."""
+    write_table(rows, out / SLUG)
+    if ood_rows:
+        write_table(ood_rows, out / f"{SLUG}_ood")
+    if att_rows:
+        write_table(att_rows, out / f"{SLUG}_attacks")
+        with atomic_output(out / f"{SLUG}.png") as tmp:
+            plot_accuracy_vs_eps(att_rows, tmp, title=title)
