@@ -20,6 +20,8 @@ from .ood import (
     feature_norm_score,
     make_ood_sets,
     msp_score,
+    ood_rows_from_scores,
+    score_outputs,
 )
 from .plots import (
     plot_accuracy_vs_eps,
@@ -51,6 +53,7 @@ __all__ = [
     "normalize_maps",
     "ood_metrics",
     "ood_roc_curve",
+    "ood_rows_from_scores",
     "pgd",
     "per_class_accuracy",
     "plot_accuracy_vs_eps",
@@ -60,6 +63,7 @@ __all__ = [
     "plot_score_histograms",
     "plot_training_curves",
     "robust_accuracy",
+    "score_outputs",
     "write_table",
     "write_table_atomic",
 ]
