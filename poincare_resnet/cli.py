@@ -149,13 +149,12 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (testing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra model options, e.g. init=center bn_mean=frechet",
-    )
+    _add_key_values(p, "--model-kwargs", "extra model options, e.g. init=center bn_mean=frechet")
+
+
+def _add_key_values(p, flag: str, help_: str) -> None:
+    """An option taking any number of ``KEY=VALUE`` words (read by :func:`_kv_pairs`)."""
+    p.add_argument(flag, nargs="*", default=[], metavar="KEY=VALUE", help=help_)
 
 
 def _cmd_train(args) -> int:
@@ -391,13 +390,7 @@ def _add_experiment(sub) -> None:
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--depths", default=None, help="comma list, e.g. 8,20,32")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other option, e.g. --set widths=8,16 memory=false",
-    )
+    _add_key_values(p, "--set", "any other option, e.g. --set widths=8,16 memory=false")
 
 
 def _cmd_experiment(args) -> int:
