@@ -76,14 +76,10 @@ def pgd(
 
     Parameters
     ----------
-    model : nn.Module
-        The classifier (eval mode is the caller's choice).
-    x : Tensor
-        Images ``[B, C, H, W]`` in ``[-1, 1]``.
-    y : Tensor
-        Labels ``[B]``.
+    model, x, y
+        As in :func:`fgsm`.
     eps : float
-        The L∞ radius in input units.
+        ``ε``, in ``[-1, 1]`` input units.
     steps : int
         Gradient steps.
     step_size : float, optional
@@ -134,12 +130,8 @@ def robust_accuracy(
 
     Parameters
     ----------
-    model : nn.Module
-        The classifier (eval mode is the caller's choice).
-    x : Tensor
-        Images ``[B, C, H, W]`` in ``[-1, 1]``.
-    y : Tensor
-        Labels ``[B]``.
+    model, x, y
+        As in :func:`fgsm` (``x`` and ``y`` are split into batches).
     attack : str or callable
         The attack.
     eps_list : sequence of float

@@ -292,22 +292,18 @@ def attack_rows(
 
     Parameters
     ----------
-    model : nn.Module
-        The classifier (eval mode is the caller's choice).
-    x : Tensor
-        Images ``[B, C, H, W]`` in ``[-1, 1]``.
-    y : Tensor
-        Labels ``[B]``.
+    model, x, y
+        As in :func:`~poincare_resnet.evaluation.fgsm`.
     attacks : sequence of str
         ``fgsm`` and/or ``pgd``.
     eps : sequence of float
-        The radii.
+        The radii ``ε``, one row per attack and radius.
     steps, step_size, random_start
         PGD's settings (:func:`~poincare_resnet.evaluation.pgd`).
     seed : int
         Seed of PGD's random start.
     batch_size : int
-        Images per batch.
+        Images per attacked batch.
     device : str or torch.device, optional
         Where the model runs.
 

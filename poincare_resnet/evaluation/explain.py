@@ -105,12 +105,8 @@ def input_saliency(
 
     Parameters
     ----------
-    model : nn.Module
-        The classifier.
-    x : Tensor
-        Images ``[B, C, H, W]``.
-    target : int or Tensor, optional
-        The explained class.
+    model, x, target
+        As in :func:`grad_cam` (any differentiable classifier).
 
     Returns
     -------

@@ -132,12 +132,8 @@ def confusion_matrix(
 
     Parameters
     ----------
-    logits_or_preds : Tensor
-        Logits ``[B, K]`` or labels ``[B]``.
-    targets : Tensor
-        True labels ``[B]``.
-    num_classes : int, optional
-        ``K``, as in :func:`per_class_accuracy`.
+    logits_or_preds, targets, num_classes
+        As in :func:`per_class_accuracy`.
 
     Returns
     -------

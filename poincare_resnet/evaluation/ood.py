@@ -221,10 +221,8 @@ def evaluate_ood(
         Names in :data:`SCORE_FUNCTIONS` (higher = more ID).
     repeats, seed, subsample
         As in :func:`ood_rows_from_scores`.
-    batch_size : int
-        Images per forward pass.
-    device : torch.device or str, optional
-        Where the model runs (default: that of its parameters).
+    batch_size, device
+        As in :func:`collect_outputs`.
 
     Returns
     -------

@@ -61,14 +61,14 @@ def plot_roc_curves(
     curves : mapping
         Curves by name.
     path : str or Path
-        The PNG.
+        The PNG of the ROC curves.
     title : str
-        The figure's title.
+        The title above the ROC curves.
 
     Returns
     -------
     Path
-        The written PNG.
+        ``path`` (the ROC curves, written).
     """
     fig = _new_figure((5.0, 4.5))
     ax = fig.add_subplot()
@@ -103,14 +103,14 @@ def plot_score_histograms(
     scores_out_dict : mapping
         OOD scores by set.
     path : str or Path
-        The PNG.
+        The PNG of the score histograms.
     title : str
-        The figure's title.
+        The title above the score histograms.
 
     Returns
     -------
     Path
-        The written PNG.
+        ``path`` (the score histograms, written).
     """
     s_in = _np(scores_in).reshape(-1)
     outs = {k: _np(v).reshape(-1) for k, v in scores_out_dict.items()}
@@ -139,14 +139,14 @@ def plot_accuracy_vs_eps(
     rows : sequence of mapping
         Robust-accuracy rows.
     path : str or Path
-        The PNG.
+        The PNG of the robust-accuracy curves.
     title : str
-        The figure's title.
+        The title above the robust-accuracy curves.
 
     Returns
     -------
     Path
-        The written PNG.
+        ``path`` (the robust-accuracy curves, written).
     """
     groups: dict[str, list[Mapping[str, object]]] = {}
     for r in rows:
@@ -183,14 +183,14 @@ def plot_confusion_matrix(
     class_names : sequence of str, optional
         Tick labels.
     path : str or Path
-        The PNG.
+        The PNG of the confusion matrix.
     normalize : bool
         Divide each row by its sum.
 
     Returns
     -------
     Path
-        The written PNG.
+        ``path`` (the confusion matrix, written).
     """
     m = _np(cm)
     if normalize:
@@ -256,12 +256,12 @@ def plot_explanations(
     maps_by_model : mapping
         Maps by model name.
     path : str or Path
-        The PNG.
+        The PNG of the explanation grid.
 
     Returns
     -------
     Path
-        The written PNG.
+        ``path`` (the explanation grid, written).
     """
     imgs = images.detach().cpu()
     n = imgs.shape[0]
@@ -301,12 +301,12 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: Pat
     metrics_rows : sequence of mapping
         The rows of ``metrics.jsonl``.
     path : str or Path
-        The PNG.
+        The PNG of the training curves.
 
     Returns
     -------
     Path
-        The written PNG.
+        ``path`` (the training curves, written).
     """
     keys: list[str] = []
     for r in metrics_rows:

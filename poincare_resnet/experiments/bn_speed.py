@@ -163,18 +163,15 @@ def run(
 
     Parameters
     ----------
-    out_dir : str or Path
-        Where the tables, the figure and the summary go.
-    tiny : bool
-        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    out_dir, tiny, log
+        The output directory of the bn-speed tables, figure and summary; tiny sizes
+        (the ``None`` defaults depend on it); the progress log.
     batch_sizes, widths, size, repeats, memory, c
         The speed and memory grid (``memory``: measure peak memory in fresh processes).
     model, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
         The short training runs (``train_runs=False`` skips them).
     seed, threads, device, timeout
         Seed, torch CPU threads, device and the memory probes' timeout (s).
-    log : callable
-        Where progress lines go.
 
     Returns
     -------

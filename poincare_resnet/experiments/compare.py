@@ -64,10 +64,9 @@ def run(
 
     Parameters
     ----------
-    out_dir : str or Path
-        Where the tables, the figure and the summary go.
-    tiny : bool
-        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    out_dir, tiny, log
+        The output directory of the compare tables (one wide row per model), figure and
+        summary; tiny sizes (the ``None`` defaults depend on it); the progress log.
     models : sequence of str
         Registered model names.
     dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, limit_train
@@ -77,9 +76,7 @@ def run(
     attacks, eps, pgd_steps, attack_limit
         The robustness evaluation.
     seed, threads, device
-        Seed, torch CPU threads and device.
-    log : callable
-        Where progress lines go.
+        Seed (data order, OOD draws, PGD starts), torch CPU threads and device.
 
     Returns
     -------

@@ -57,16 +57,13 @@ def run(
 
     Parameters
     ----------
-    out_dir : str or Path
-        Where the tables, the figure and the summary go.
-    tiny : bool
-        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    out_dir, tiny, log
+        The output directory of the graph-memory table, figure and summary; tiny sizes
+        (the ``None`` defaults depend on it); the progress log.
     depths, batch_size, size, in_chans, widths, repeats
         The networks and their input.
     seed, threads, device, timeout
         Seed, torch CPU threads, device and the probes' timeout (s).
-    log : callable
-        Where progress lines go.
 
     Returns
     -------

@@ -95,16 +95,13 @@ def run(
 
     Parameters
     ----------
-    out_dir : str or Path
-        Where the tables, the figure and the summary go.
-    tiny : bool
-        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    out_dir, tiny, log
+        The output directory of the init-norms table, figure and summary; tiny sizes (the
+        ``None`` defaults depend on it); the progress log.
     depth, features, channels, size, batch, input_norm, c, dtype
         The layer stacks and their input.
     seed, threads
         Seed and torch CPU threads.
-    log : callable
-        Where progress lines go.
 
     Returns
     -------

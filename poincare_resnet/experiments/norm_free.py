@@ -119,18 +119,15 @@ def run(
 
     Parameters
     ----------
-    out_dir : str or Path
-        Where the tables, the figure and the summary go.
-    tiny : bool
-        Tiny sizes (seconds; for the tests): the defaults given as ``None`` depend on it.
+    out_dir, tiny, log
+        The output directory of the norm-free tables, figure and summary; tiny sizes (the
+        ``None`` defaults depend on it); the progress log.
     depths, variants, init_batch, size, in_chans, mode
         Part (a): the initial norms.
     models, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
         Part (b): the training runs (``train_runs=False`` skips them).
     seed, threads, device
-        Seed, torch CPU threads and device.
-    log : callable
-        Where progress lines go.
+        Seed (inputs, initialisation, training), torch CPU threads and device.
 
     Returns
     -------

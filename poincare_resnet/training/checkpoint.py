@@ -174,14 +174,12 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically.
+    """Write UTF-8 ``text`` to ``path`` atomically, as :func:`atomic_write_bytes` does bytes.
 
     Parameters
     ----------
-    path : str or Path
-        The file to replace.
-    text : str
-        Its new content.
+    path, text : str or Path, str
+        The file to replace and its new text.
     """
     atomic_write_bytes(path, text.encode("utf-8"))
 

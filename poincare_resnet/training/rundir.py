@@ -212,9 +212,9 @@ def start_run_dir(run: Path, cfg: TrainConfig, model: nn.Module) -> None:
     Parameters
     ----------
     run : Path
-        The run directory.
+        The new run's directory (created if missing).
     cfg : TrainConfig
-        The run's options.
+        The options ``config.json`` records.
     model : nn.Module
         The built network (its ``model_name`` and ``model_config``).
     """
