@@ -18,11 +18,24 @@ from .training.checkpoint import (
     load_checkpoint,
     load_model_state,
 )
-from .training.trainer import DTYPES, check_output_dir, evaluate_split, resolve_device
+from .training.config import DTYPES, resolve_device
+from .training.evaluate import evaluate_split
+from .training.rundir import check_output_dir
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run directory (its ``best.safetensors``)."""
+    """A checkpoint file, or a run directory (its ``best.safetensors``).
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.safetensors`` file or a run directory.
+
+    Returns
+    -------
+    Path
+        The checkpoint file (``FileNotFoundError`` naming what is missing).
+    """
     p = Path(path)
     if p.is_dir():
         for name in ("best.safetensors", "last.safetensors"):
@@ -51,6 +64,18 @@ def rebuild_model(meta: dict[str, Any], source: str = "checkpoint") -> nn.Module
     trained network; it is rebuilt from exactly that, whatever the registry's defaults are
     today. Older checkpoints only hold the options given at training time (``model_kwargs``):
     they are rebuilt with today's registry defaults, with a warning saying so.
+
+    Parameters
+    ----------
+    meta : dict
+        The checkpoint's metadata.
+    source : str
+        The checkpoint's name in messages.
+
+    Returns
+    -------
+    nn.Module
+        The untrained network of the checkpoint's architecture.
     """
     name = meta.get("model_name")
     if not isinstance(name, str) or not name:
@@ -75,7 +100,20 @@ def rebuild_model(meta: dict[str, Any], source: str = "checkpoint") -> nn.Module
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model a checkpoint describes and load its weights (no unpickling)."""
+    """Rebuild the model a checkpoint describes and load its weights (no unpickling).
+
+    Parameters
+    ----------
+    path : str or Path
+        A checkpoint file or a run directory.
+    device : str
+        Where the model goes.
+
+    Returns
+    -------
+    tuple
+        ``(model in eval mode, metadata)``.
+    """
     ck = load_checkpoint(resolve_checkpoint(path))
     meta = ck.meta
     model = rebuild_model(meta, str(ck.path))
@@ -89,7 +127,18 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[s
 
 
 def check_split(split: str) -> str:
-    """``split`` if it is one of :data:`SPLITS`, else ``ValueError`` naming the valid ones."""
+    """``split`` if it is one of :data:`SPLITS`, else ``ValueError`` naming the valid ones.
+
+    Parameters
+    ----------
+    split : str
+        ``"val"`` or ``"test"``.
+
+    Returns
+    -------
+    str
+        ``split``.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return split
@@ -106,7 +155,29 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Top-1/top-5 and per-class accuracy of a checkpoint on a dataset split (``"val"`` or
     ``"test"``; default: the test split of the dataset it was trained on); writes
-    ``evaluation.json`` and a confusion-matrix PNG (atomically) when ``out`` is given."""
+    ``evaluation.json`` and a confusion-matrix PNG (atomically) when ``out`` is given.
+
+    Parameters
+    ----------
+    path : str or Path
+        A checkpoint file or a run directory.
+    dataset, data_dir : str, optional
+        The dataset (default: the checkpoint's) and where it lives.
+    split : str
+        ``"val"`` or ``"test"``.
+    device : str
+        Where the model runs.
+    out : str or Path, optional
+        Directory for ``evaluation.json`` and the PNG.
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    dict
+        ``checkpoint``, ``dataset``, ``split``, ``n``, ``<split>_loss``, ``<split>_top1``,
+        ``<split>_top5`` and ``per_class_accuracy``.
+    """
     from .evaluation.metrics import confusion_matrix, per_class_accuracy
     from .evaluation.plots import plot_confusion_matrix
 

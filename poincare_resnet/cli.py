@@ -74,7 +74,7 @@ def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_train(sub) -> None:
-    from .training.trainer import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from .training.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -164,13 +164,12 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (testing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra model options, e.g. init=center bn_mean=frechet",
-    )
+    _add_key_values(p, "--model-kwargs", "extra model options, e.g. init=center bn_mean=frechet")
+
+
+def _add_key_values(p, flag: str, help_: str) -> None:
+    """An option taking any number of ``KEY=VALUE`` words (read by :func:`_kv_pairs`)."""
+    p.add_argument(flag, nargs="*", default=[], metavar="KEY=VALUE", help=help_)
 
 
 def _cmd_train(args) -> int:
@@ -229,13 +228,64 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _checkpoint_parser(sub, name: str, help_: str, several: bool = False):
+    """The parser of a command on one checkpoint (``several``: one or more) or run directory."""
+    p = sub.add_parser(name, help=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if several:
+        p.add_argument("checkpoints", nargs="+", help="checkpoints or run directories")
+    else:
+        p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory")
+    return p
+
+
+def _checkpoint_kwargs(args) -> dict:
+    """The keyword arguments of ``run_ood`` / ``run_attack`` that their options share."""
+    return {
+        "data_dir": args.data_dir,
+        "device": args.device,
+        "dataset": args.dataset,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+    }
+
+
+def _add_checkpoint_options(p, name: str, several: bool = False) -> None:
+    """The options the ``ood``, ``attack`` and ``explain`` commands share, in this order:
+    ``--dataset --data-dir --device [--batch-size] --threads --out`` (default
+    ``<run dir>/name``)."""
+    they = "they were" if several else "it was"
+    p.add_argument("--dataset", default=None, help=f"default: the one {they} trained on")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu")
+    if not several:
+        p.add_argument("--batch-size", type=_POSITIVE, default=256)
+    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
+    run_dir = "<first run dir>" if several else "<run dir>"
+    p.add_argument("--out", default=None, help=f"output directory (default: {run_dir}/{name})")
+
+
+def _checkpoint_command_out(args, checkpoint: str, name: str):
+    """Set ``--threads``; the output directory: ``--out``, else ``name`` in the checkpoint's
+    run directory."""
+    from pathlib import Path
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    ck = Path(checkpoint)
+    return Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / name
+
+
+def _print_table(out, table: str, written) -> int:
+    """Print the command's Markdown table and where its files went; exit code 0."""
+    print((out / table).read_text(), end="")
+    print(f"\nwritten to {written}")
+    return 0
+
+
 def _add_ood(sub) -> None:
-    p = sub.add_parser(
-        "ood",
-        help="OOD detection: test set vs synthetic sets or image folders",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory")
+    p = _checkpoint_parser(sub, "ood", "OOD detection: test set vs synthetic sets or image folders")
     p.add_argument(
         "--ood-sets",
         default="gaussian,uniform,digits",
@@ -246,51 +296,28 @@ def _add_ood(sub) -> None:
     p.add_argument("--repeats", type=_POSITIVE, default=5, help="random subsamples to average over")
     p.add_argument("--subsample", type=_POSITIVE, default=None, help="samples per set per repeat")
     p.add_argument("--seed", type=_NONNEGATIVE, default=0)
-    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=_POSITIVE, default=256)
-    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="output directory (default: <run dir>/ood)")
+    _add_checkpoint_options(p, "ood")
 
 
 def _cmd_ood(args) -> int:
-    from pathlib import Path
-
     from .evaluation.commands import run_ood
-    from .experiments._common import as_str_tuple
+    from .experiments.common import as_str_tuple
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    ck = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "ood"
+    out = _checkpoint_command_out(args, args.checkpoint, "ood")
     run_ood(
         args.checkpoint,
         list(as_str_tuple(args.ood_sets)),
-        data_dir=args.data_dir,
         out=out,
         scores=as_str_tuple(args.scores),
         repeats=args.repeats,
         subsample=args.subsample,
-        seed=args.seed,
-        device=args.device,
-        dataset=args.dataset,
-        batch_size=args.batch_size,
+        **_checkpoint_kwargs(args),
     )
-    print((out / "ood.md").read_text(), end="")
-    print(f"\nwritten to {out}")
-    return 0
+    return _print_table(out, "ood.md", out)
 
 
 def _add_attack(sub) -> None:
-    p = sub.add_parser(
-        "attack",
-        help="FGSM / PGD robust accuracy",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("checkpoint", help="a .safetensors checkpoint or a run directory")
+    p = _checkpoint_parser(sub, "attack", "FGSM / PGD robust accuracy")
     p.add_argument("--attack", default="fgsm,pgd", help="comma list: fgsm, pgd")
     p.add_argument(
         "--eps",
@@ -307,26 +334,14 @@ def _add_attack(sub) -> None:
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at the image")
     p.add_argument("--limit", type=_POSITIVE, default=None, help="attack N random test images")
     p.add_argument("--seed", type=_NONNEGATIVE, default=0)
-    p.add_argument("--dataset", default=None, help="default: the one it was trained on")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=_POSITIVE, default=256)
-    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="output directory (default: <run dir>/attack)")
+    _add_checkpoint_options(p, "attack")
 
 
 def _cmd_attack(args) -> int:
-    from pathlib import Path
-
     from .evaluation.commands import run_attack
-    from .experiments._common import as_str_tuple, as_tuple
+    from .experiments.common import as_str_tuple, as_tuple
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    ck = Path(args.checkpoint)
-    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "attack"
+    out = _checkpoint_command_out(args, args.checkpoint, "attack")
     eps = [e / 255.0 for e in as_tuple(args.eps, float)]
     if not all(math.isfinite(e) and e >= 0 for e in eps):
         raise ValueError(f"--eps values must be finite and >= 0, got {args.eps!r}")
@@ -339,46 +354,23 @@ def _cmd_attack(args) -> int:
         random_start=not args.no_random_start,
         limit=args.limit,
         out=out,
-        device=args.device,
-        data_dir=args.data_dir,
-        dataset=args.dataset,
-        seed=args.seed,
-        batch_size=args.batch_size,
+        **_checkpoint_kwargs(args),
     )
-    print((out / "attack.md").read_text(), end="")
-    print(f"\nwritten to {out}")
-    return 0
+    return _print_table(out, "attack.md", out)
 
 
 def _add_explain(sub) -> None:
-    p = sub.add_parser(
-        "explain",
-        help="Grad-CAM and saliency maps of one or more models, side by side",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("checkpoints", nargs="+", help="checkpoints or run directories")
+    help_ = "Grad-CAM and saliency maps of one or more models, side by side"
+    p = _checkpoint_parser(sub, "explain", help_, several=True)
     p.add_argument("--images", default="0,1,2,3", help="comma list of test-set indices")
-    p.add_argument("--dataset", default=None, help="default: the one they were trained on")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=_POSITIVE, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--out", default=None, help="output directory (default: <first run dir>/explain)"
-    )
+    _add_checkpoint_options(p, "explain", several=True)
 
 
 def _cmd_explain(args) -> int:
-    from pathlib import Path
-
     from .evaluation.commands import run_explain
-    from .experiments._common import as_tuple
+    from .experiments.common import as_tuple
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    ck = Path(args.checkpoints[0])
-    out = Path(args.out) if args.out else (ck if ck.is_dir() else ck.parent) / "explain"
+    out = _checkpoint_command_out(args, args.checkpoints[0], "explain")
     run_explain(
         args.checkpoints,
         images=list(as_tuple(args.images)),
@@ -387,9 +379,7 @@ def _cmd_explain(args) -> int:
         device=args.device,
         dataset=args.dataset,
     )
-    print((out / "explanations.md").read_text(), end="")
-    print(f"\nwritten to {out / 'explanations.png'}")
-    return 0
+    return _print_table(out, "explanations.md", out / "explanations.png")
 
 
 def _add_experiment(sub) -> None:
@@ -415,13 +405,7 @@ def _add_experiment(sub) -> None:
     p.add_argument("--limit-train", type=int, default=None)
     p.add_argument("--depths", default=None, help="comma list, e.g. 8,20,32")
     p.add_argument("--repeats", type=int, default=None)
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other option, e.g. --set widths=8,16 memory=false",
-    )
+    _add_key_values(p, "--set", "any other option, e.g. --set widths=8,16 memory=false")
 
 
 def _cmd_experiment(args) -> int:
@@ -515,6 +499,13 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``poincare-resnet`` command line.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser of every command (``train``, ``evaluate``, ``ood``, ``attack``, ...).
+    """
     parser = _Parser(
         prog="poincare-resnet",
         description="Train and evaluate fully hyperbolic (Poincaré) ResNets.",
@@ -527,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command of the CLI.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit code: 0 done, 2 bad input (one line naming it), 3 training diverged.
+    """
     from .training.checkpoint import CheckpointError
     from .training.trainer import NonFiniteError
 

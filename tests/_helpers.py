@@ -1,14 +1,20 @@
-"""Test helpers shared by several test modules (imported as ``_helpers``: pytest puts
-``tests/`` on ``sys.path``)."""
+"""Helpers several test files share (imported as ``_helpers``: pytest puts ``tests/`` on
+``sys.path``): batch-norm cases, a small Poincaré residual block, the tiny training run,
+comparisons of checkpoint weights."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from poincare_resnet import ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
+from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d, PoincareResidual, TangentReLU
+from poincare_resnet.training.checkpoint import load_checkpoint
+from poincare_resnet.training.trainer import TrainConfig
 
 F64 = torch.float64
 
@@ -48,3 +54,42 @@ def bn_run(fn, v, bias, weight, mu, var, grad, c, like=None, grad_mu=False):
     count = None if n is None else float(n.detach())
     res = [out.detach(), m.detach(), s2.detach(), v.grad, bias.grad, weight.grad]
     return res + ([mu.grad] if grad_mu and mu is not None else []), count
+
+
+# 96 images, batch 32: 3 steps per epoch, 6 steps in all
+TINY = dict(dataset="digits", limit_train=96, batch_size=32, epochs=2, progress=False, log_every=1)
+
+
+class PoincareBlock(nn.Module):
+    """conv → BN → ReLU → conv → BN, Poincaré residual, ReLU."""
+
+    def __init__(self, ch: int = 4, c: float = 0.1) -> None:
+        super().__init__()
+        self.conv1 = PoincareConv2d(ch, ch, 3, padding=1, c=c, init="hnn")
+        self.bn1 = PoincareBatchNorm2d(ch, c=c)
+        self.relu1 = TangentReLU()
+        self.conv2 = PoincareConv2d(ch, ch, 3, padding=1, c=c, init="hnn")
+        self.bn2 = PoincareBatchNorm2d(ch, c=c)
+        self.res = PoincareResidual(c=c)
+        self.relu2 = TangentReLU()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        f = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(u)))))
+        return self.relu2(self.res(f, u))
+
+
+def tiny_config(out: Path, **overrides) -> TrainConfig:
+    """The tiny run (:data:`TINY`) into directory ``out``, with ``overrides``."""
+    return TrainConfig(**{**TINY, "out": str(out), **overrides})
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model state of a checkpoint file."""
+    return load_checkpoint(path).model_state
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Both states hold the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"

@@ -305,6 +305,14 @@ def _nf_model_and_meta() -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
+def _nf_model_meta_input_logits() -> tuple[nn.Module, dict, torch.Tensor, torch.Tensor]:
+    """:func:`_nf_model_and_meta`, an input batch and the model's logits on it."""
+    model, meta = _nf_model_and_meta()
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)).tanh()
+    with torch.no_grad():
+        return model, meta, x, model(x)
+
+
 def _drift_nf_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     """A later version changes two defaults of ``poincare_resnet20_nf`` (same parameter shapes)."""
     from poincare_resnet.models import registry
@@ -321,10 +329,7 @@ def test_checkpoint_rebuilds_the_trained_network_after_a_registry_default_drifts
 
     from poincare_resnet.api import load_model
 
-    model, meta = _nf_model_and_meta()
-    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)).tanh()
-    with torch.no_grad():
-        saved = model(x)
+    model, meta, x, saved = _nf_model_meta_input_logits()
     path = save_checkpoint(tmp_path / "nf.safetensors", model_state=model.state_dict(), meta=meta)
     assert load_checkpoint(path).meta["model_config"]["center_weight"] is True
 
@@ -354,10 +359,7 @@ def test_format1_checkpoint_loads_with_a_warning_naming_the_assumption(
 ) -> None:
     from poincare_resnet.api import load_model
 
-    model, meta = _nf_model_and_meta()
-    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(1)).tanh()
-    with torch.no_grad():
-        saved = model(x)
+    model, meta, x, saved = _nf_model_meta_input_logits()
     path = _format1_checkpoint(tmp_path / "old.safetensors", model.state_dict(), meta)
     warning = (
         r"checkpoint has no resolved model config \(format < 2\): rebuilding "

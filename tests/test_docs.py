@@ -102,3 +102,34 @@ def test_tutorial_code_blocks_run(page, tmp_path, monkeypatch):
     assert text.count("```python") >= 3
     mktestdocs.check_md_file(fpath=ROOT / "docs" / page, memory=True)
     assert (tmp_path / "runs").is_dir()  # the blocks really ran here
+
+
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``a.b.c`` names a module, or an attribute of the longest importable prefix."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+@needs_docs
+def test_architecture_page_names_only_modules_that_exist():
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    paths = set(re.findall(r"\bpoincare_resnet/[\w/]+\.(?:py|cpp|h)\b", text))
+    dotted = set(re.findall(r"\bpoincare_resnet(?:\.\w+)+", text))
+    assert len(paths) >= 30 and len(dotted) >= 4  # the page really names the modules
+    assert not [p for p in sorted(paths) if not (ROOT / p).is_file()], "missing files"
+    assert not [d for d in sorted(dotted) if not _resolves(d)], "missing names"
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    assert "ARCHITECTURE.md" in nav

@@ -237,6 +237,39 @@ def test_evaluate_ood_rows(trained_model):
     assert rows == evaluate_ood(trained_model, x_in, sets, repeats=3, seed=0, subsample=10)
 
 
+def test_ood_rows_from_scores_takes_precomputed_scores():
+    from poincare_resnet.evaluation import ood_rows_from_scores
+
+    s_in = np.array([2.0, 3.0, 4.0, 5.0])
+    out = {"a": {"energy": np.array([0.0, 1.0, 2.5, 6.0])}, "b": {"energy": s_in - 10}}
+    rows = ood_rows_from_scores({"energy": s_in}, out)
+    assert [(r["ood_set"], r["score"]) for r in rows] == [("a", "energy"), ("b", "energy")]
+    # P(s_in > s_out) counted by hand: 2 + 3 + 3 + 3 of 16 pairs
+    assert rows[0]["auroc"] == pytest.approx(11 / 16) and rows[0]["auroc_std"] == 0.0
+    assert rows[1]["auroc"] == 1.0 and rows[1]["fpr95"] == 0.0  # separated: no OOD accepted
+    assert rows[0]["n_in"] == 4 and rows[0]["n_out"] == 4 and rows[0]["repeats"] == 1
+    drawn = ood_rows_from_scores({"energy": s_in}, out, repeats=4, seed=1, subsample=2)
+    assert all(r["n_in"] == 2 and r["repeats"] == 4 for r in drawn)
+    assert drawn == ood_rows_from_scores({"energy": s_in}, out, repeats=4, seed=1, subsample=2)
+    with pytest.raises(ValueError, match="repeats"):
+        ood_rows_from_scores({"energy": s_in}, out, repeats=0)
+
+
+def test_ood_command_rows_equal_evaluate_ood(trained_model):
+    """The ``ood`` command scores cached outputs; its rows are those of :func:`evaluate_ood`."""
+    from poincare_resnet.evaluation.commands import ood_scores_and_rows
+
+    x_in, _ = _separable_data(20, seed=5)
+    sets = make_ood_sets(x_in, names=("uniform", "inverted"), seed=0)
+    want = evaluate_ood(trained_model, x_in, sets, repeats=3, seed=2, subsample=10)
+    rows, in_scores, out_scores = ood_scores_and_rows(
+        trained_model, x_in, sets, repeats=3, subsample=10, seed=2
+    )
+    assert rows == want
+    assert set(in_scores) == {"energy", "msp", "feature_norm"}
+    assert set(out_scores["msp"]) == {"uniform", "inverted"}
+
+
 # ----------------------------------------------------------------------------- attacks
 
 

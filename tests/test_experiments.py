@@ -12,7 +12,7 @@ import torch
 
 from poincare_resnet.cli import main
 from poincare_resnet.experiments import EXPERIMENTS, experiment_options, run_experiment
-from poincare_resnet.experiments._common import as_tuple, count_graph_nodes, torch_threads
+from poincare_resnet.experiments.common import as_tuple, count_graph_nodes, torch_threads
 
 
 def _quiet(_msg: str) -> None:

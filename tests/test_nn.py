@@ -10,6 +10,7 @@ import geoopt
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import PoincareBlock
 from torch import nn
 
 from poincare_resnet import ball
@@ -129,8 +130,13 @@ def test_conv_matches_unfold_reference(k, s, p, init, dtype):
 
 @pytest.mark.parametrize(
     "k,s,p",
-    [((3, 3), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1)), ((1, 1), (2, 2), (0, 0)),
-     ((5, 3), (2, 1), (3, 1)), ((2, 4), (3, 2), (0, 2))],
+    [
+        ((3, 3), (1, 1), (1, 1)),
+        ((3, 3), (2, 2), (1, 1)),
+        ((1, 1), (2, 2), (0, 0)),
+        ((5, 3), (2, 1), (3, 1)),
+        ((2, 4), (3, 2), (0, 2)),
+    ],
     ids=str,
 )
 def test_box_sum_equals_window_sums_of_unfold(k, s, p):
@@ -743,30 +749,13 @@ def test_wrong_shapes_raise_with_shapes_named():
 # ============================================================================ no host syncs
 
 
-class _Block(nn.Module):
-    """conv → BN → ReLU → conv → BN, Poincaré residual, ReLU."""
-
-    def __init__(self, ch: int = 4, c: float = 0.1) -> None:
-        super().__init__()
-        self.conv1 = PoincareConv2d(ch, ch, 3, padding=1, c=c, init="hnn")
-        self.bn1 = PoincareBatchNorm2d(ch, c=c)
-        self.relu = TangentReLU()
-        self.conv2 = PoincareConv2d(ch, ch, 3, padding=1, c=c, init="hnn")
-        self.bn2 = PoincareBatchNorm2d(ch, c=c)
-        self.res = PoincareResidual(c=c)
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        f = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(u)))))
-        return self.relu(self.res(f, u))
-
-
 def test_block_forward_backward_has_no_graph_breaks():
     """``fullgraph=True`` refuses graph breaks, so no ``.item()``/host read happens in forward;
     AOT autograd traces the backward (custom ``autograd.Function`` backwards included) ahead of
     time, which a data-dependent host read would also break."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    block = _Block()
+    block = PoincareBlock()
     compiled_block = copy.deepcopy(block)
     compiled = torch.compile(compiled_block, fullgraph=True, backend="aot_eager")
     u = torch.randn(2, 4, 6, 6, generator=_gen(20))

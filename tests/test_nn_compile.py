@@ -14,39 +14,14 @@ import copy
 import pytest
 import torch
 import torch._inductor.config
-from torch import nn
-
-from poincare_resnet.nn import (
-    PoincareBatchNorm2d,
-    PoincareConv2d,
-    PoincareResidual,
-    TangentReLU,
-)
-
-
-class _Block(nn.Module):
-    """conv → BN → ReLU → conv → BN, Poincaré residual, ReLU."""
-
-    def __init__(self, ch: int = 4, c: float = 0.1) -> None:
-        super().__init__()
-        self.conv1 = PoincareConv2d(ch, ch, 3, padding=1, c=c, init="hnn")
-        self.bn1 = PoincareBatchNorm2d(ch, c=c)
-        self.relu1 = TangentReLU()
-        self.conv2 = PoincareConv2d(ch, ch, 3, padding=1, c=c, init="hnn")
-        self.bn2 = PoincareBatchNorm2d(ch, c=c)
-        self.res = PoincareResidual(c=c)
-        self.relu2 = TangentReLU()
-
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        f = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(u)))))
-        return self.relu2(self.res(f, u))
+from _helpers import PoincareBlock
 
 
 @torch._inductor.config.patch({"cpp.vec_isa_ok": False})
 def test_block_compiled_with_inductor_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = _Block()
+    eager = PoincareBlock()
     with torch.no_grad():  # non-trivial BN parameters
         for bn in (eager.bn1, eager.bn2):
             bn.weight.fill_(1.5)

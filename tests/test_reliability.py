@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import assert_same_weights, checkpoint_weights, tiny_config
 
 from poincare_resnet import cli
 from poincare_resnet.models import create_model
 from poincare_resnet.nn import PoincareBatchNorm2d
-from poincare_resnet.training import trainer
+from poincare_resnet.training import rundir, trainer
 from poincare_resnet.training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -38,8 +39,6 @@ from poincare_resnet.training.trainer import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# 96 images, batch 32: 3 steps per epoch, 6 steps in all
-TINY = dict(dataset="digits", limit_train=96, batch_size=32, epochs=2, progress=False, log_every=1)
 TINY_ARGS = [
     "--dataset",
     "digits",
@@ -55,22 +54,8 @@ TINY_ARGS = [
 ]
 
 
-def _tiny(out: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out": str(out), **overrides})
-
-
 def _quiet(_message: str) -> None:
     pass
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path).model_state
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -97,8 +82,8 @@ def _ckpt_steps(run: Path) -> list[int]:
 def reference(tmp_path_factory):
     """The uninterrupted 2-epoch run every resumed run must reproduce bit for bit."""
     run = tmp_path_factory.mktemp("reliability") / "reference"
-    summary = train(_tiny(run, ckpt_every_steps=1), log=_quiet)
-    return {"run": run, "summary": summary, "last": _weights(run / "last.safetensors")}
+    summary = train(tiny_config(run, ckpt_every_steps=1), log=_quiet)
+    return {"run": run, "summary": summary, "last": checkpoint_weights(run / "last.safetensors")}
 
 
 def _patch_model(monkeypatch, on_build):
@@ -119,7 +104,7 @@ def _patch_model(monkeypatch, on_build):
 def test_repeated_interruptions_in_process_reproduce_the_uninterrupted_run(reference, tmp_path):
     run = tmp_path / "run"
     # stop mid-epoch 1, at the epoch boundary, and mid-epoch 2; each resume continues the last
-    assert train(_tiny(run, ckpt_every_steps=2, max_steps=2), log=_quiet) == {}
+    assert train(tiny_config(run, ckpt_every_steps=2, max_steps=2), log=_quiet) == {}
     for max_steps in (3, 5, None):
         messages: list[str] = []
         summary = train(
@@ -130,7 +115,7 @@ def test_repeated_interruptions_in_process_reproduce_the_uninterrupted_run(refer
         assert any(m.startswith(f"resumed {run}") for m in messages), messages
         assert _ckpt_steps(run)[-1] == (max_steps or 6)
     assert summary["test_top1"] == reference["summary"]["test_top1"]
-    _assert_same_weights(reference["last"], _weights(run / "last.safetensors"))
+    assert_same_weights(reference["last"], checkpoint_weights(run / "last.safetensors"))
 
 
 def _cli_env() -> dict[str, str]:
@@ -186,12 +171,12 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_run(
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         assert "test_top1" in out
-    _assert_same_weights(reference["last"], _weights(run / "last.safetensors"))
+    assert_same_weights(reference["last"], checkpoint_weights(run / "last.safetensors"))
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
     run = tmp_path / "run"
-    train(_tiny(run, ckpt_every_steps=1, max_steps=4), log=_quiet)
+    train(tiny_config(run, ckpt_every_steps=1, max_steps=4), log=_quiet)
     assert _ckpt_steps(run) == [2, 3, 4]  # keep_checkpoints=3
     latest = run / "checkpoints" / "ckpt-00000004.safetensors"
     data = latest.read_bytes()
@@ -208,19 +193,19 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference, t
     ), messages
     # falling back one checkpoint loses a step of work, not determinism
     assert summary["test_top1"] == reference["summary"]["test_top1"]
-    _assert_same_weights(reference["last"], _weights(run / "last.safetensors"))
+    assert_same_weights(reference["last"], checkpoint_weights(run / "last.safetensors"))
 
 
 def test_every_checkpoint_unusable_starts_from_scratch(reference, tmp_path):
     run = tmp_path / "run"
-    train(_tiny(run, ckpt_every_steps=1, max_steps=2), log=_quiet)
+    train(tiny_config(run, ckpt_every_steps=1, max_steps=2), log=_quiet)
     for p in (run / "checkpoints").glob("*.safetensors"):
         p.write_bytes(b"garbage")
     messages: list[str] = []
     train(TrainConfig(progress=False, log_every=1), resume=str(run), log=messages.append)
     assert sum("skipping unusable checkpoint" in m for m in messages) == 2
     assert any("no usable checkpoint" in m and "starting from scratch" in m for m in messages)
-    _assert_same_weights(reference["last"], _weights(run / "last.safetensors"))
+    assert_same_weights(reference["last"], checkpoint_weights(run / "last.safetensors"))
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -497,7 +482,7 @@ def test_resume_rebuilds_the_stored_network_when_a_registry_default_changed(tmp_
     from poincare_resnet.models import registry
 
     run = tmp_path / "run"
-    train(_tiny(run, max_steps=1, model_kwargs={"depth": 8, "widths": [2, 2, 2]}), log=_quiet)
+    train(tiny_config(run, max_steps=1, model_kwargs={"depth": 8, "widths": [2, 2, 2]}), log=_quiet)
     # a later version changes a default of the name; parameter shapes stay the same
     monkeypatch.setitem(registry._DEFAULTS, "poincare_resnet20", {"depth": 20, "c": 0.5})
     assert create_model("poincare_resnet20", depth=8).curvature.value == pytest.approx(0.5)
@@ -518,8 +503,8 @@ def _default_out_worker(rank: int, world: int, port: int, root: str) -> None:
     )
     os.chdir(root)
     torch.set_num_threads(1)
-    real = trainer._default_out
-    trainer._default_out = lambda cfg: f"{real(cfg)}-rank{rank}"
+    real = rundir._default_out
+    rundir._default_out = lambda cfg: f"{real(cfg)}-rank{rank}"
     cfg = TrainConfig(
         dataset="digits",
         limit_train=64,
@@ -552,7 +537,7 @@ def test_distributed_run_with_default_out_makes_one_run_directory(tmp_path):
 
 def test_resume_validates_runtime_options(tmp_path, capsys):
     run = tmp_path / "run"
-    train(_tiny(run, max_steps=1), log=_quiet)
+    train(tiny_config(run, max_steps=1), log=_quiet)
     before = _snapshot(run)
     try:
         rc = cli.main(["train", "--resume", str(run), "--log-every", "0", "--no-progress"])
@@ -640,7 +625,7 @@ def test_absurd_lr_stops_with_nonfinite_error_and_keeps_last_checkpoint(tmp_path
     run = tmp_path / "run"
     snaps = _snapshot_every_step(monkeypatch, run)
     with pytest.raises(NonFiniteError) as info:
-        train(_tiny(run, lr=1e6, ckpt_every_steps=1), log=_quiet)
+        train(tiny_config(run, lr=1e6, ckpt_every_steps=1), log=_quiet)
     message = str(info.value)
     step = int(re.search(r"non-finite loss or gradient at step (\d+)", message).group(1))
     assert step == snaps.count, message  # the step whose forward/backward went bad
@@ -710,7 +695,7 @@ def test_injected_nan_under_stop_keeps_every_file_intact(tmp_path, monkeypatch):
     _inject_nan(monkeypatch, {4})  # step 5, in epoch 2, after epoch 1's files exist
     snaps = _snapshot_every_step(monkeypatch, run)
     with pytest.raises(NonFiniteError, match=r"at step 5 \(epoch 2, step 5"):
-        train(_tiny(run, ckpt_every_steps=1), log=_quiet)
+        train(tiny_config(run, ckpt_every_steps=1), log=_quiet)
     assert "last.safetensors" in snaps.last
     assert "checkpoints/ckpt-00000004.safetensors" in snaps.last
     assert _snapshot(run) == snaps.last
@@ -720,13 +705,13 @@ def test_injected_nan_under_skip_is_logged_and_training_continues(reference, tmp
     run = tmp_path / "run"
     _inject_nan(monkeypatch, {1})
     messages: list[str] = []
-    summary = train(_tiny(run, nan_policy="skip"), log=messages.append)
+    summary = train(tiny_config(run, nan_policy="skip"), log=messages.append)
     skipped = [m for m in messages if m.startswith("skipped step")]
     assert skipped and skipped[0].startswith("skipped step 1 (non-finite loss/gradient)")
     assert len(skipped) == 1
     assert "learning rate scaled by 0.5" in skipped[0]
     assert 0.0 <= summary["test_top1"] <= 1.0
-    weights = _weights(run / "last.safetensors")
+    weights = checkpoint_weights(run / "last.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
     # the skipped step changed the trajectory (no update at step 1)
     assert any(not torch.equal(weights[k], reference["last"][k]) for k in weights)
@@ -734,7 +719,7 @@ def test_injected_nan_under_skip_is_logged_and_training_continues(reference, tmp
 
 def test_skip_halves_the_learning_rate_of_the_next_step(tmp_path, monkeypatch):
     lrs = _inject_nan(monkeypatch, {1})
-    cfg = _tiny(tmp_path / "run", nan_policy="skip", epochs=1)
+    cfg = tiny_config(tmp_path / "run", nan_policy="skip", epochs=1)
     train(cfg, log=_quiet)
     steps = len(lrs)
     expected = [cfg.lr * lr_factor(s, cfg, 3) * (0.5 if s >= 2 else 1.0) for s in range(steps)]
@@ -745,9 +730,9 @@ def test_skip_does_not_poison_batchnorm_running_stats(tmp_path, monkeypatch):
     _inject_nan(monkeypatch, {1}, where="input")
     run = tmp_path / "run"
     messages: list[str] = []
-    train(_tiny(run, nan_policy="skip", epochs=1), log=messages.append)
+    train(tiny_config(run, nan_policy="skip", epochs=1), log=messages.append)
     assert any(m.startswith("skipped step 1") for m in messages)
-    weights = _weights(run / "last.safetensors")
+    weights = checkpoint_weights(run / "last.safetensors")
     bad = [k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     assert not bad, f"non-finite tensors after a skipped step: {bad[:5]}"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import assert_same_weights, checkpoint_weights, tiny_config
 
 from poincare_resnet import cli
 from poincare_resnet.api import load_model
@@ -21,27 +22,11 @@ from poincare_resnet.training.checkpoint import load_checkpoint, load_model_stat
 from poincare_resnet.training.trainer import TrainConfig, evaluate_split, load_run_config, train
 
 REPO = Path(__file__).resolve().parents[1]
-# 96 images, batch 32: 3 steps per epoch, 6 steps in all
-TINY = dict(dataset="digits", limit_train=96, batch_size=32, epochs=2, progress=False, log_every=1)
 TIMING_KEYS = ("epoch_time_s", "images_per_s")
-
-
-def _tiny(out: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**TINY, "out": str(out), **overrides})
 
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path).model_state
-
-
-def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:5]}"
 
 
 def _stdout_json(text: str) -> dict:
@@ -65,7 +50,7 @@ def trained(tmp_path_factory):
     messages: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "create_model", keep)
-        summary = train(_tiny(run), log=messages.append)
+        summary = train(tiny_config(run), log=messages.append)
     assert len(built) == 1
     return {"run": run, "summary": summary, "model": built[0], "messages": messages}
 
@@ -168,7 +153,7 @@ def test_load_model_reproduces_the_trained_logits(trained):
 def test_resume_after_interruption_matches_uninterrupted_run(trained, tmp_path):
     run_b = tmp_path / "run-b"
     # interrupted mid-epoch 2 (step 4 of 6), with step checkpoints
-    out = train(_tiny(run_b, max_steps=4, ckpt_every_steps=2), log=lambda _m: None)
+    out = train(tiny_config(run_b, max_steps=4, ckpt_every_steps=2), log=lambda _m: None)
     assert out == {}
     assert not (run_b / "summary.json").exists()
     ckpts = sorted(p.name for p in (run_b / "checkpoints").glob("ckpt-*.safetensors"))
@@ -185,8 +170,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(trained, tmp_path):
     assert summary["test_top1"] == trained["summary"]["test_top1"]
 
     run_a = trained["run"]
-    _assert_same_weights(_weights(run_a / "last.safetensors"), _weights(run_b / "last.safetensors"))
-    _assert_same_weights(_weights(run_a / "best.safetensors"), _weights(run_b / "best.safetensors"))
+    assert_same_weights(
+        checkpoint_weights(run_a / "last.safetensors"),
+        checkpoint_weights(run_b / "last.safetensors"),
+    )
+    assert_same_weights(
+        checkpoint_weights(run_a / "best.safetensors"),
+        checkpoint_weights(run_b / "best.safetensors"),
+    )
     rows_a, rows_b = _metrics(run_a), _metrics(run_b)
     assert len(rows_a) == len(rows_b) == 2
     for ra, rb in zip(rows_a, rows_b, strict=True):
@@ -221,7 +212,7 @@ def test_resume_of_a_finished_run_does_not_train_again(trained, tmp_path):
 
 def test_resume_with_reached_max_steps_takes_no_step(tmp_path):
     run = tmp_path / "run"
-    train(_tiny(run, max_steps=4, ckpt_every_steps=2), log=lambda _m: None)
+    train(tiny_config(run, max_steps=4, ckpt_every_steps=2), log=lambda _m: None)
     stored = load_run_config(run)  # max_steps=4, already reached
     train(stored, resume=str(run), log=lambda _m: None)
     latest = sorted((run / "checkpoints").glob("ckpt-*.safetensors"))[-1]
@@ -230,7 +221,9 @@ def test_resume_with_reached_max_steps_takes_no_step(tmp_path):
 
 def test_model_kwargs_override_survives_the_checkpoint(tmp_path):
     run = tmp_path / "run"
-    train(_tiny(run, epochs=1, limit_train=64, model_kwargs={"depth": 8}), log=lambda _m: None)
+    train(
+        tiny_config(run, epochs=1, limit_train=64, model_kwargs={"depth": 8}), log=lambda _m: None
+    )
     model, meta = load_model(run)
     assert model.depth == 8
 

@@ -1,4 +1,5 @@
-"""Evaluation: accuracy / OOD metrics, OOD scores, adversarial attacks, explanations, plots."""
+"""Evaluation: accuracy / OOD metrics, OOD scores, adversarial attacks, explanations, plots,
+tables."""
 
 from .attacks import ATTACKS, PAPER_FGSM_EPS, fgsm, pgd, robust_accuracy
 from .explain import grad_cam, input_saliency, normalize_maps
@@ -19,6 +20,8 @@ from .ood import (
     feature_norm_score,
     make_ood_sets,
     msp_score,
+    ood_rows_from_scores,
+    score_outputs,
 )
 from .plots import (
     plot_accuracy_vs_eps,
@@ -27,8 +30,8 @@ from .plots import (
     plot_roc_curves,
     plot_score_histograms,
     plot_training_curves,
-    write_table,
 )
+from .tables import write_table, write_table_atomic
 
 __all__ = [
     "ATTACKS",
@@ -50,6 +53,7 @@ __all__ = [
     "normalize_maps",
     "ood_metrics",
     "ood_roc_curve",
+    "ood_rows_from_scores",
     "pgd",
     "per_class_accuracy",
     "plot_accuracy_vs_eps",
@@ -59,5 +63,7 @@ __all__ = [
     "plot_score_histograms",
     "plot_training_curves",
     "robust_accuracy",
+    "score_outputs",
     "write_table",
+    "write_table_atomic",
 ]

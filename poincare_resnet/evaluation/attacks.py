@@ -33,7 +33,24 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """Fast gradient sign method: ``x_adv = clip_[-1,1](x + ε · sign(∇_x CE(f(x), y)))``."""
+    """Fast gradient sign method: ``x_adv = clip_[-1,1](x + ε · sign(∇_x CE(f(x), y)))``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier (eval mode is the caller's choice).
+    x : Tensor
+        Images ``[B, C, H, W]`` in ``[-1, 1]``.
+    y : Tensor
+        Labels ``[B]``.
+    eps : float
+        The L∞ radius in input units.
+
+    Returns
+    -------
+    Tensor
+        The adversarial images.
+    """
     x = x.detach().clamp(X_MIN, X_MAX)
     if eps == 0:
         return x.clone()
@@ -56,6 +73,26 @@ def pgd(
 
     ``x_{t+1} = clip_[-1,1](Π_{‖·−x‖∞≤ε}(x_t + α · sign(∇_x CE(f(x_t), y))))`` with
     ``α = step_size`` (default ``2.5 ε / steps``) and, if ``random_start``, ``x_0 = x + U[-ε, ε]``.
+
+    Parameters
+    ----------
+    model, x, y
+        As in :func:`fgsm`.
+    eps : float
+        ``ε``, in ``[-1, 1]`` input units.
+    steps : int
+        Gradient steps.
+    step_size : float, optional
+        ``α`` (default ``2.5 ε / steps``).
+    random_start : bool
+        Start at a uniform point of the ε-ball.
+    generator : torch.Generator, optional
+        The random start's generator.
+
+    Returns
+    -------
+    Tensor
+        The adversarial images.
     """
     x = x.detach().clamp(X_MIN, X_MAX)
     if eps == 0 or steps <= 0:
@@ -90,6 +127,26 @@ def robust_accuracy(
     clean_accuracy}`` with ``eps_255 = 255 · eps`` (the paper reports ε·255 in [-1, 1] units).
 
     ``attack`` is ``"fgsm"``, ``"pgd"`` or a callable ``attack(model, x, y, eps, **kw)``.
+
+    Parameters
+    ----------
+    model, x, y
+        As in :func:`fgsm` (``x`` and ``y`` are split into batches).
+    attack : str or callable
+        The attack.
+    eps_list : sequence of float
+        The radii.
+    batch_size : int
+        Images per batch.
+    device : torch.device or str, optional
+        Where the model runs.
+    **kw
+        Further arguments of the attack.
+
+    Returns
+    -------
+    list of dict
+        One row per ε.
     """
     if isinstance(attack, str):
         if attack not in ATTACKS:

@@ -16,18 +16,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training.checkpoint import atomic_output, atomic_stem
+from ..training.checkpoint import atomic_output
 from .attacks import ATTACKS, PAPER_FGSM_EPS, robust_accuracy
 from .explain import grad_cam, input_saliency
 from .metrics import ood_roc_curve
-from .ood import OOD_SET_NAMES, SCORE_FUNCTIONS, collect_outputs, evaluate_ood, make_ood_sets
+from .ood import (
+    OOD_SET_NAMES,
+    SCORE_FUNCTIONS,
+    collect_outputs,
+    make_ood_sets,
+    ood_rows_from_scores,
+    score_outputs,
+)
 from .plots import (
     plot_accuracy_vs_eps,
     plot_explanations,
     plot_roc_curves,
     plot_score_histograms,
-    write_table,
 )
+from .tables import write_table_atomic
 
 __all__ = [
     "attack_rows",
@@ -37,17 +44,7 @@ __all__ = [
     "run_attack",
     "run_explain",
     "run_ood",
-    "write_table_atomic",
 ]
-
-
-def write_table_atomic(rows: Sequence[Mapping[str, Any]], stem: str | Path) -> str:
-    """:func:`~poincare_resnet.evaluation.plots.write_table` (``<stem>.csv`` and ``.md``),
-    each file replaced atomically (:func:`~poincare_resnet.training.checkpoint.atomic_stem`)."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_stem(stem, (".csv", ".md")) as tmp:
-        return write_table(rows, tmp)
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -59,7 +56,8 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 
 def _check_device_and_out(device: Any, out: str | Path | None) -> None:
     """Fail before any work for a bad device or an output directory that cannot be written."""
-    from ..training.trainer import check_output_dir, resolve_device
+    from ..training.config import resolve_device
+    from ..training.rundir import check_output_dir
 
     resolve_device(str(device))
     if out is not None:
@@ -72,7 +70,24 @@ def load_checkpoint_data(
     device: str = "cpu",
     dataset: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any], Any]:
-    """``(model, meta, DatasetSplits)``: the checkpoint's model and the dataset it names."""
+    """``(model, meta, DatasetSplits)``: the checkpoint's model and the dataset it names.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint file or a run directory.
+    data_dir : str, optional
+        Where the dataset lives.
+    device : str
+        Where the model goes.
+    dataset : str, optional
+        Another dataset than the checkpoint's.
+
+    Returns
+    -------
+    tuple
+        ``(model, meta, DatasetSplits)``.
+    """
     from ..api import load_model
     from ..data import load_dataset
 
@@ -103,7 +118,22 @@ def resolve_ood_sets(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Each name is a builtin synthetic set (:data:`OOD_SET_NAMES`) or a path: a directory of
-    PNG/JPEG images or a CIFAR-format file, loaded at the shape of ``in_x`` ``[N, C, H, W]``."""
+    PNG/JPEG images or a CIFAR-format file, loaded at the shape of ``in_x`` ``[N, C, H, W]``.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Builtin set names or paths.
+    in_x : Tensor
+        The in-distribution images.
+    seed : int
+        Seed of the synthetic sets.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The OOD image sets by name, in the dtype of ``in_x``.
+    """
     from ..data import load_images_dir
 
     out: dict[str, torch.Tensor] = {}
@@ -125,27 +155,6 @@ def resolve_ood_sets(
     return out
 
 
-class _Replay(nn.Module):
-    """Replays precomputed ``(logits, features)``: the input is a column of row indices. Lets
-    :func:`evaluate_ood` reuse outputs so that every image set goes through the network once."""
-
-    def __init__(self, logits: torch.Tensor, feats: torch.Tensor) -> None:
-        super().__init__()
-        self.logits, self.feats = logits, feats
-        self._idx = torch.zeros(0, dtype=torch.long)
-
-    def forward_features(self, idx: torch.Tensor) -> torch.Tensor:
-        self._idx = idx[:, 0].long()
-        return self.feats[self._idx]
-
-    def forward_head(self, _feats: torch.Tensor) -> torch.Tensor:
-        return self.logits[self._idx]
-
-
-def _index_column(n: int) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.float64)[:, None]
-
-
 def ood_scores_and_rows(
     model: nn.Module,
     in_x: torch.Tensor,
@@ -157,41 +166,43 @@ def ood_scores_and_rows(
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]]]:
-    """OOD metric rows (as :func:`evaluate_ood`) and the raw scores
-    ``(rows, {score: in_scores}, {score: {set: out_scores}})``, one forward pass per set
-    (``device``: where the model runs, default that of its parameters)."""
+    """OOD metric rows (as :func:`~poincare_resnet.evaluation.evaluate_ood`) and the raw
+    scores, one forward pass per image set.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier with ``forward_features`` and ``forward_head``.
+    in_x : Tensor
+        In-distribution images ``[N, C, H, W]`` (cast to the model's dtype).
+    ood_sets : mapping of str to Tensor
+        Out-of-distribution image sets by name.
+    scores : sequence of str
+        Names in :data:`~poincare_resnet.evaluation.SCORE_FUNCTIONS`.
+    repeats, subsample, seed
+        As in :func:`~poincare_resnet.evaluation.ood.ood_rows_from_scores`.
+    batch_size : int
+        Images per forward pass.
+    device : str or torch.device, optional
+        Where the model runs (default: that of its parameters).
+
+    Returns
+    -------
+    tuple
+        ``(rows, {score: in_scores}, {score: {set: out_scores}})``.
+    """
     for s in scores:
         if s not in SCORE_FUNCTIONS:
             raise ValueError(f"unknown OOD score {s!r}; choose from {sorted(SCORE_FUNCTIONS)}")
     dtype = _model_dtype(model)
-    outputs = {"__in__": collect_outputs(model, in_x.to(dtype), batch_size, device)}
-    for name, x in ood_sets.items():
-        outputs[name] = collect_outputs(model, x.to(dtype), batch_size, device)
-    # one index space over all sets: the replay model looks rows up in the concatenation
-    names = list(outputs)
-    logits = torch.cat([outputs[k][0] for k in names])
-    feats = torch.cat([outputs[k][1] for k in names])
-    offsets, start = {}, 0
-    for k in names:
-        offsets[k] = start
-        start += len(outputs[k][0])
-    replay = _Replay(logits, feats)
-    idx = {k: _index_column(len(outputs[k][0])) + offsets[k] for k in names}
-    rows = evaluate_ood(
-        replay,
-        idx["__in__"],
-        {k: idx[k] for k in ood_sets},
-        scores,
-        repeats,
-        seed,
-        subsample,
-        batch_size=max(len(logits), 1),
-        device="cpu",
-    )
-    in_scores = {s: SCORE_FUNCTIONS[s](*outputs["__in__"]).double().numpy() for s in scores}
-    out_scores = {
-        s: {k: SCORE_FUNCTIONS[s](*outputs[k]).double().numpy() for k in ood_sets} for s in scores
-    }
+
+    def score(x: torch.Tensor) -> dict[str, Any]:
+        return score_outputs(*collect_outputs(model, x.to(dtype), batch_size, device), scores)
+
+    in_scores = score(in_x)
+    per_set = {name: score(x) for name, x in ood_sets.items()}
+    rows = ood_rows_from_scores(in_scores, per_set, repeats, seed, subsample)
+    out_scores = {s: {k: per_set[k][s] for k in ood_sets} for s in scores}
     return rows, in_scores, out_scores
 
 
@@ -211,6 +222,30 @@ def run_ood(
     """OOD detection of a checkpoint: ID = its test set, OOD = builtin sets or image paths.
 
     Writes ``ood.csv`` / ``ood.md``, ``roc_<score>.png`` and ``hist_<score>.png`` into ``out``.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint file or a run directory.
+    ood_sets : sequence of str
+        Builtin set names or paths.
+    data_dir, dataset : str, optional
+        As in :func:`load_checkpoint_data`.
+    out : str or Path, optional
+        Output directory.
+    scores : sequence of str
+        OOD score names.
+    repeats, subsample, seed
+        As in :func:`~poincare_resnet.evaluation.ood.ood_rows_from_scores`.
+    device : str
+        Where the model runs.
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    list of dict
+        One row per (set, score), with the model and dataset names.
     """
     if not ood_sets:
         raise ValueError("give at least one OOD set")
@@ -253,7 +288,30 @@ def attack_rows(
     device: str | torch.device | None = None,
 ) -> list[dict[str, Any]]:
     """Robust accuracy rows ``{attack, eps, eps_255, accuracy, clean_accuracy, ...}`` for every
-    attack and ε (``eps`` in [-1, 1] input units)."""
+    attack and ε (``eps`` in [-1, 1] input units).
+
+    Parameters
+    ----------
+    model, x, y
+        As in :func:`~poincare_resnet.evaluation.fgsm`.
+    attacks : sequence of str
+        ``fgsm`` and/or ``pgd``.
+    eps : sequence of float
+        The radii ``ε``, one row per attack and radius.
+    steps, step_size, random_start
+        PGD's settings (:func:`~poincare_resnet.evaluation.pgd`).
+    seed : int
+        Seed of PGD's random start.
+    batch_size : int
+        Images per attacked batch.
+    device : str or torch.device, optional
+        Where the model runs.
+
+    Returns
+    -------
+    list of dict
+        One row per (attack, ε).
+    """
     rows: list[dict[str, Any]] = []
     x = x.to(_model_dtype(model))
     for name in attacks:
@@ -299,7 +357,26 @@ def run_attack(
     batch_size: int = 256,
 ) -> list[dict[str, Any]]:
     """FGSM / PGD robust accuracy of a checkpoint on (a seeded subset of ``limit`` images of)
-    its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``."""
+    its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``.
+
+    Parameters
+    ----------
+    checkpoint : str or Path
+        A checkpoint file or a run directory.
+    attacks, eps, steps, step_size, random_start, seed, batch_size
+        As in :func:`attack_rows`.
+    limit : int, optional
+        Attack this many random test images.
+    out : str or Path, optional
+        Output directory.
+    device, data_dir, dataset
+        As in :func:`load_checkpoint_data`.
+
+    Returns
+    -------
+    list of dict
+        The rows of ``attack.csv``.
+    """
     if not attacks:
         raise ValueError("give at least one attack")
     for name in attacks:
@@ -347,7 +424,24 @@ def run_explain(
 ) -> list[dict[str, Any]]:
     """Grad-CAM and input saliency of each checkpoint for a few test images (``images``: how
     many from the start, or a list of test indices); all models side by side in
-    ``explanations.png``, predictions in ``explanations.csv`` / ``.md``."""
+    ``explanations.png``, predictions in ``explanations.csv`` / ``.md``.
+
+    Parameters
+    ----------
+    checkpoints : sequence of str or Path
+        Checkpoint files or run directories (the first names the dataset).
+    images : int or sequence of int
+        How many test images, or which.
+    out : str or Path, optional
+        Output directory.
+    data_dir, device, dataset
+        As in :func:`load_checkpoint_data`.
+
+    Returns
+    -------
+    list of dict
+        One row per (model, image): label, prediction, confidence.
+    """
     if isinstance(checkpoints, str | Path):
         checkpoints = [checkpoints]
     if not checkpoints:

@@ -21,6 +21,18 @@ def normalize_maps(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Scale non-negative maps ``[B, H, W]`` to ``[0, 1]`` per image: ``m / max(m)``.
 
     Dividing by the maximum (no min subtraction) keeps relative magnitudes; all-zero maps stay 0.
+
+    Parameters
+    ----------
+    maps : Tensor
+        Non-negative maps ``[B, H, W]``.
+    eps : float
+        Floor of the maximum.
+
+    Returns
+    -------
+    Tensor
+        The maps in ``[0, 1]``.
     """
     peak = maps.flatten(1).amax(dim=1).clamp_min(eps)
     return (maps / peak[:, None, None]).clamp(0.0, 1.0)
@@ -45,6 +57,20 @@ def grad_cam(
     ``α_k = mean_{ij} ∂y^c/∂A_k[i, j]``, ``L = ReLU(Σ_k α_k A_k)``, bilinearly upsampled to the
     input size and normalised per image (``L / max L``).  ``y^c`` is the logit of ``target``
     (int or ``[B]``; default the predicted class).
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier with a ``gradcam_layer`` module (its ``[B, C, H, W]`` output is ``A``).
+    x : Tensor
+        Images ``[B, C, H, W]``.
+    target : int or Tensor, optional
+        The explained class.
+
+    Returns
+    -------
+    Tensor
+        Heat-maps ``[B, H, W]``.
     """
     layer = getattr(model, "gradcam_layer", None)
     if not isinstance(layer, nn.Module):
@@ -75,7 +101,18 @@ def input_saliency(
     model: nn.Module, x: torch.Tensor, target: int | torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gradient saliency ``S[i, j] = max_c |∂y^c/∂x[c, i, j]|`` ``[B, H, W]``, normalised per image
-    to ``[0, 1]``; ``y^c`` is the target logit (default: predicted class)."""
+    to ``[0, 1]``; ``y^c`` is the target logit (default: predicted class).
+
+    Parameters
+    ----------
+    model, x, target
+        As in :func:`grad_cam` (any differentiable classifier).
+
+    Returns
+    -------
+    Tensor
+        Saliency maps ``[B, H, W]``.
+    """
     with eval_mode(model), torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         score = _target_scores(model(xr), target)

@@ -38,6 +38,23 @@ def _predictions(logits_or_preds: torch.Tensor | np.ndarray) -> np.ndarray:
     return t.detach().cpu().long().numpy().reshape(-1)
 
 
+def _labels(
+    logits_or_preds: torch.Tensor, targets: torch.Tensor, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Predicted and true labels as int arrays ``[B]`` and the number of classes (given, the
+    logits' width, or one more than the largest label)."""
+    preds = _predictions(logits_or_preds)
+    y = torch.as_tensor(targets).detach().cpu().long().numpy().reshape(-1)
+    if num_classes is None:
+        t = torch.as_tensor(logits_or_preds)
+        num_classes = (
+            int(t.shape[1])
+            if t.ndim == 2
+            else int(max(preds.max(initial=-1), y.max(initial=-1)) + 1)
+        )
+    return preds, y, num_classes
+
+
 def accuracy_topk(
     logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
@@ -45,6 +62,20 @@ def accuracy_topk(
 
     ``top_k = mean_i 1[y_i ∈ argtop_k(logits_i)]``; ``k`` is capped at the number of classes
     ``K`` (so ``top5`` of a 3-class problem is 1.0), the key keeps the requested ``k``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, K]``.
+    targets : Tensor
+        Labels ``[B]``.
+    ks : sequence of int
+        The ``k`` values.
+
+    Returns
+    -------
+    dict of str to float
+        ``{"top1": ..., "top5": ...}``.
     """
     logits = torch.as_tensor(logits).detach()
     targets = torch.as_tensor(targets).detach().long().reshape(-1)
@@ -72,16 +103,22 @@ def per_class_accuracy(
     """Accuracy of each class ``acc_k = #{i: y_i = k, ŷ_i = k} / #{i: y_i = k}``.
 
     Accepts logits ``[B, K]`` or predicted labels ``[B]``; classes without samples get NaN.
+
+    Parameters
+    ----------
+    logits_or_preds : Tensor
+        Logits ``[B, K]`` or labels ``[B]``.
+    targets : Tensor
+        True labels ``[B]``.
+    num_classes : int, optional
+        ``K`` (default: the logits' width, or the largest label + 1).
+
+    Returns
+    -------
+    ndarray
+        ``[K]`` accuracies.
     """
-    preds = _predictions(logits_or_preds)
-    y = torch.as_tensor(targets).detach().cpu().long().numpy().reshape(-1)
-    if num_classes is None:
-        t = torch.as_tensor(logits_or_preds)
-        num_classes = (
-            int(t.shape[1])
-            if t.ndim == 2
-            else int(max(preds.max(initial=-1), y.max(initial=-1)) + 1)
-        )
+    preds, y, num_classes = _labels(logits_or_preds, targets, num_classes)
     correct = np.bincount(y[preds == y], minlength=num_classes).astype(np.float64)
     total = np.bincount(y, minlength=num_classes).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -91,16 +128,19 @@ def per_class_accuracy(
 def confusion_matrix(
     logits_or_preds: torch.Tensor, targets: torch.Tensor, num_classes: int | None = None
 ) -> np.ndarray:
-    """Confusion matrix ``C[i, j] = #{true class i, predicted class j}`` (sklearn convention)."""
-    preds = _predictions(logits_or_preds)
-    y = torch.as_tensor(targets).detach().cpu().long().numpy().reshape(-1)
-    if num_classes is None:
-        t = torch.as_tensor(logits_or_preds)
-        num_classes = (
-            int(t.shape[1])
-            if t.ndim == 2
-            else int(max(preds.max(initial=-1), y.max(initial=-1)) + 1)
-        )
+    """Confusion matrix ``C[i, j] = #{true class i, predicted class j}`` (sklearn convention).
+
+    Parameters
+    ----------
+    logits_or_preds, targets, num_classes
+        As in :func:`per_class_accuracy`.
+
+    Returns
+    -------
+    ndarray
+        ``[K, K]`` counts.
+    """
+    preds, y, num_classes = _labels(logits_or_preds, targets, num_classes)
     return skm.confusion_matrix(y, preds, labels=np.arange(num_classes))
 
 
@@ -122,6 +162,16 @@ def ood_roc_curve(
 
     ``tpr(t) = P(s_in ≥ t)``, ``fpr(t) = P(s_out ≥ t)``; every threshold is kept
     (``drop_intermediate=False``) so that FPR@95 read from the curve is exact.
+
+    Parameters
+    ----------
+    scores_in, scores_out : array-like
+        Finite ID and OOD scores.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(fpr, tpr, thresholds)``.
     """
     labels, scores = _labels_scores(scores_in, scores_out)
     fpr, tpr, thr = skm.roc_curve(labels, scores, pos_label=1, drop_intermediate=False)
@@ -135,6 +185,16 @@ def ood_metrics(scores_in: ArrayLike, scores_out: ArrayLike) -> dict[str, float]
       OOD samples accepted when at least 95% of the ID samples are accepted);
     * ``auroc = P(s_in > s_out) + ½ P(s_in = s_out)`` (``roc_auc_score``);
     * ``aupr`` = average precision with ID positive (AUPR-In, ``average_precision_score``).
+
+    Parameters
+    ----------
+    scores_in, scores_out : array-like
+        Finite ID and OOD scores (at least one each).
+
+    Returns
+    -------
+    dict of str to float
+        ``fpr95``, ``auroc``, ``aupr``.
     """
     labels, scores = _labels_scores(scores_in, scores_out)
     fpr, tpr, _ = skm.roc_curve(labels, scores, pos_label=1, drop_intermediate=False)

@@ -25,18 +25,44 @@ __all__ = [
     "feature_norm_score",
     "make_ood_sets",
     "msp_score",
+    "ood_rows_from_scores",
+    "score_outputs",
 ]
 
 OOD_SET_NAMES: tuple[str, ...] = ("gaussian", "uniform", "inverted", "hflip", "vflip", "digits")
 
 
 def energy_score(logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
-    """Negative free energy ``-E(x) = T · logsumexp(f(x) / T)`` (higher = more ID), ``[B]``."""
+    """Negative free energy ``-E(x) = T · logsumexp(f(x) / T)`` (higher = more ID), ``[B]``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, K]``.
+    T : float
+        The temperature.
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` scores.
+    """
     return T * torch.logsumexp(logits / T, dim=-1)
 
 
 def msp_score(logits: torch.Tensor) -> torch.Tensor:
-    """Maximum softmax probability ``max_k softmax(f(x))_k`` (higher = more ID), shape ``[B]``."""
+    """Maximum softmax probability ``max_k softmax(f(x))_k`` (higher = more ID), shape ``[B]``.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[B, K]``.
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` scores.
+    """
     return torch.softmax(logits, dim=-1).amax(dim=-1)
 
 
@@ -49,6 +75,16 @@ def feature_norm_score(features: torch.Tensor) -> torch.Tensor:
     Sign convention: ``+distance`` — ID samples of hyperbolic nets sit farther from the origin
     (more confident), so higher = more ID.  For a Euclidean model this is ``2‖f‖``, a monotone
     rescaling of the feature norm (same AUROC/FPR/AUPR).
+
+    Parameters
+    ----------
+    features : Tensor
+        Pooled tangent features ``[B, D]`` (or ``[B, D, 1, 1]``).
+
+    Returns
+    -------
+    Tensor
+        ``[B]`` scores.
     """
     return 2.0 * torch.linalg.vector_norm(features.flatten(1), dim=-1)
 
@@ -62,7 +98,18 @@ SCORE_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode and restore each one's own ``training`` flag on exit."""
+    """Put every submodule in eval mode and restore each one's own ``training`` flag on exit.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+
+    Yields
+    ------
+    nn.Module
+        ``model``, in eval mode.
+    """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -88,6 +135,22 @@ def collect_outputs(
     """Run ``model`` in eval mode without grad; return CPU ``(logits [N, K], features [N, D])``.
 
     Features come from ``forward_features`` and logits from ``forward_head(features)``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier with ``forward_features`` and ``forward_head``.
+    x : Tensor
+        Images ``[N, C, H, W]`` (at least one).
+    batch_size : int
+        Images per forward pass.
+    device : torch.device or str, optional
+        Where the model runs (default: that of its parameters).
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(logits, features)`` on the CPU.
     """
     dev = _model_device(model, device)
     logits_all, feats_all = [], []
@@ -103,9 +166,25 @@ def collect_outputs(
     return torch.cat(logits_all), torch.cat(feats_all)
 
 
-def _compute_scores(
+def score_outputs(
     logits: torch.Tensor, feats: torch.Tensor, names: Sequence[str]
 ) -> dict[str, np.ndarray]:
+    """The OOD scores ``names`` (of :data:`SCORE_FUNCTIONS`) of one set's outputs.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``[N, K]`` logits (:func:`collect_outputs`).
+    feats : Tensor
+        ``[N, D]`` features.
+    names : sequence of str
+        Score names; an unknown one raises ``ValueError`` naming the choices.
+
+    Returns
+    -------
+    dict of str to ndarray
+        ``{name: float64 scores [N]}`` (higher = more ID).
+    """
     out = {}
     for name in names:
         if name not in SCORE_FUNCTIONS:
@@ -125,36 +204,85 @@ def evaluate_ood(
     batch_size: int = 256,
     device: torch.device | str | None = None,
 ) -> list[dict[str, float | str | int]]:
-    """OOD detection metrics for every (OOD set, score) pair.
+    """OOD detection metrics of ``model`` for every (OOD set, score) pair.
 
-    Returns rows ``{ood_set, score, fpr95, auroc, aupr, fpr95_std, auroc_std, aupr_std,
-    repeats, n_in, n_out}``.  With ``repeats == 1`` and ``subsample is None`` the full sets are used
-    (std 0).  Otherwise each repeat draws (without replacement, seeded by ``seed``) ``n`` ID and
-    ``n`` OOD samples, ``n = min(len(in_x), len(ood), subsample)``, shared by all scores; the
-    metrics are averaged over repeats and their (population) standard deviation reported.
+    Runs each image set through the network once (:func:`collect_outputs`), scores it and hands
+    the scores to :func:`ood_rows_from_scores`, which documents the rows.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier with ``forward_features`` and ``forward_head``.
+    in_x : Tensor
+        In-distribution images ``[N, C, H, W]``.
+    ood_sets : mapping of str to Tensor
+        Out-of-distribution image sets by name.
+    scores : sequence of str
+        Names in :data:`SCORE_FUNCTIONS` (higher = more ID).
+    repeats, seed, subsample
+        As in :func:`ood_rows_from_scores`.
+    batch_size, device
+        As in :func:`collect_outputs`.
+
+    Returns
+    -------
+    list of dict
+        One row per (set, score), sets in order, scores in order.
     """
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
-    in_logits, in_feats = collect_outputs(model, in_x, batch_size, device)
-    in_scores = _compute_scores(in_logits, in_feats, scores)
+    in_scores = score_outputs(*collect_outputs(model, in_x, batch_size, device), scores)
+    out_scores = {
+        name: score_outputs(*collect_outputs(model, x, batch_size, device), scores)
+        for name, x in ood_sets.items()
+    }
+    return ood_rows_from_scores(in_scores, out_scores, repeats, seed, subsample)
+
+
+def ood_rows_from_scores(
+    in_scores: Mapping[str, np.ndarray],
+    out_scores: Mapping[str, Mapping[str, np.ndarray]],
+    repeats: int = 1,
+    seed: int = 0,
+    subsample: int | None = None,
+) -> list[dict[str, float | str | int]]:
+    """OOD detection metrics (:func:`~poincare_resnet.evaluation.ood_metrics`) from
+    precomputed scores, for every (OOD set, score) pair.
+
+    With ``repeats == 1`` and ``subsample is None`` the full sets are used (std 0). Otherwise
+    each repeat draws (without replacement, seeded by ``seed``) ``n`` ID and ``n`` OOD samples,
+    ``n = min(len(in), len(ood), subsample)``, shared by all scores; the metrics are averaged
+    over repeats and their (population) standard deviation reported.
+
+    Parameters
+    ----------
+    in_scores : mapping of str to ndarray
+        ``{score name: in-distribution scores [N_in]}``; its order is the rows' score order.
+    out_scores : mapping of str to mapping of str to ndarray
+        ``{OOD set: {score name: scores [N_out]}}`` holding every score of ``in_scores``.
+    repeats : int
+        Number of random draws (>= 1).
+    seed : int
+        Seed of the draws.
+    subsample : int, optional
+        At most this many samples per side and draw.
+
+    Returns
+    -------
+    list of dict
+        Rows ``{ood_set, score, fpr95, auroc, aupr, fpr95_std, auroc_std, aupr_std, repeats,
+        n_in, n_out}``.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
     rng = np.random.default_rng(seed)
     rows: list[dict[str, float | str | int]] = []
-    for set_name, ood_x in ood_sets.items():
-        out_logits, out_feats = collect_outputs(model, ood_x, batch_size, device)
-        out_scores = _compute_scores(out_logits, out_feats, scores)
-        n_in, n_out = len(in_logits), len(out_logits)
-        full = repeats == 1 and subsample is None
-        n = min(n_in, n_out) if subsample is None else min(n_in, n_out, int(subsample))
-        draws = (
-            [(np.arange(n_in), np.arange(n_out))]
-            if full
-            else [
-                (rng.choice(n_in, n, replace=False), rng.choice(n_out, n, replace=False))
-                for _ in range(repeats)
-            ]
-        )
-        for score in scores:
-            vals = [ood_metrics(in_scores[score][i], out_scores[score][o]) for i, o in draws]
+    n_in = len(next(iter(in_scores.values()))) if in_scores else 0
+    for set_name, set_scores in out_scores.items():
+        n_out = len(next(iter(set_scores.values()))) if set_scores else 0
+        draws = _draws(n_in, n_out, repeats, subsample, rng)
+        for score, s_in in in_scores.items():
+            vals = [ood_metrics(s_in[i], set_scores[score][o]) for i, o in draws]
             row: dict[str, float | str | int] = {"ood_set": set_name, "score": score}
             for key in ("fpr95", "auroc", "aupr"):
                 row[key] = float(np.mean([v[key] for v in vals]))
@@ -163,6 +291,19 @@ def evaluate_ood(
             row.update(repeats=len(draws), n_in=len(draws[0][0]), n_out=len(draws[0][1]))
             rows.append(row)
     return rows
+
+
+def _draws(
+    n_in: int, n_out: int, repeats: int, subsample: int | None, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (ID, OOD) index pairs of each repeat: everything, or ``repeats`` random subsets."""
+    if repeats == 1 and subsample is None:
+        return [(np.arange(n_in), np.arange(n_out))]
+    n = min(n_in, n_out) if subsample is None else min(n_in, n_out, int(subsample))
+    return [
+        (rng.choice(n_in, n, replace=False), rng.choice(n_out, n, replace=False))
+        for _ in range(repeats)
+    ]
 
 
 def _digits_like(in_x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -191,6 +332,20 @@ def make_ood_sets(
       close to ID for datasets trained with flip augmentation);
     * ``digits``: scikit-learn's 8×8 digits scaled to ``[-1, 1]``, bilinearly resized to
       ``H × W`` and repeated over the ``C`` channels.
+
+    Parameters
+    ----------
+    in_x : Tensor
+        The ID test images.
+    names : sequence of str
+        Which sets (of :data:`OOD_SET_NAMES`).
+    seed : int
+        Seed of the noise sets.
+
+    Returns
+    -------
+    dict of str to Tensor
+        The sets by name.
     """
     if in_x.ndim != 4:
         raise ValueError(f"expected images [N, C, H, W], got {tuple(in_x.shape)}")

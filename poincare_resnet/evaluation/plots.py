@@ -1,4 +1,4 @@
-"""Figures (PNG, rendered off-screen with the Agg canvas) and CSV / Markdown tables.
+"""Figures (PNG, rendered off-screen with the Agg canvas); tables are in :mod:`.tables`.
 
 Figures are built with :class:`matplotlib.figure.Figure` and
 :class:`matplotlib.backends.backend_agg.FigureCanvasAgg` directly, so nothing is ever shown and
@@ -7,9 +7,7 @@ the global pyplot backend is left untouched.
 
 from __future__ import annotations
 
-import csv
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc
 
+from .tables import is_number
+
 __all__ = [
     "plot_accuracy_vs_eps",
     "plot_confusion_matrix",
@@ -26,7 +26,6 @@ __all__ = [
     "plot_roc_curves",
     "plot_score_histograms",
     "plot_training_curves",
-    "write_table",
 ]
 
 PathLike = str | Path
@@ -55,7 +54,22 @@ def plot_roc_curves(
     curves: Mapping[str, object], path: PathLike, title: str = "ROC (ID = positive)"
 ) -> Path:
     """ROC curves, one per entry: ``name -> (fpr, tpr[, thresholds])`` or ``{"fpr", "tpr"}``;
-    the legend shows ``AUROC = ∫ tpr d fpr``."""
+    the legend shows ``AUROC = ∫ tpr d fpr``.
+
+    Parameters
+    ----------
+    curves : mapping
+        Curves by name.
+    path : str or Path
+        The PNG of the ROC curves.
+    title : str
+        The title above the ROC curves.
+
+    Returns
+    -------
+    Path
+        ``path`` (the ROC curves, written).
+    """
     fig = _new_figure((5.0, 4.5))
     ax = fig.add_subplot()
     for name, curve in curves.items():
@@ -80,7 +94,24 @@ def plot_roc_curves(
 def plot_score_histograms(
     scores_in: object, scores_out_dict: Mapping[str, object], path: PathLike, title: str = ""
 ) -> Path:
-    """Overlaid density histograms of ID scores and each OOD set's scores (shared bins)."""
+    """Overlaid density histograms of ID scores and each OOD set's scores (shared bins).
+
+    Parameters
+    ----------
+    scores_in : array-like
+        ID scores.
+    scores_out_dict : mapping
+        OOD scores by set.
+    path : str or Path
+        The PNG of the score histograms.
+    title : str
+        The title above the score histograms.
+
+    Returns
+    -------
+    Path
+        ``path`` (the score histograms, written).
+    """
     s_in = _np(scores_in).reshape(-1)
     outs = {k: _np(v).reshape(-1) for k, v in scores_out_dict.items()}
     allv = np.concatenate([s_in, *outs.values()])
@@ -101,7 +132,22 @@ def plot_accuracy_vs_eps(
     rows: Sequence[Mapping[str, object]], path: PathLike, title: str = "Robust accuracy"
 ) -> Path:
     """Accuracy vs ``ε·255`` per curve; rows as from ``robust_accuracy`` (grouped by the
-    optional ``model`` key and ``attack``), the clean accuracy plotted at ``ε = 0``."""
+    optional ``model`` key and ``attack``), the clean accuracy plotted at ``ε = 0``.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Robust-accuracy rows.
+    path : str or Path
+        The PNG of the robust-accuracy curves.
+    title : str
+        The title above the robust-accuracy curves.
+
+    Returns
+    -------
+    Path
+        ``path`` (the robust-accuracy curves, written).
+    """
     groups: dict[str, list[Mapping[str, object]]] = {}
     for r in rows:
         key = " / ".join(str(r[k]) for k in ("model", "attack") if k in r) or "accuracy"
@@ -128,7 +174,24 @@ def plot_accuracy_vs_eps(
 def plot_confusion_matrix(
     cm: object, class_names: Sequence[str] | None, path: PathLike, normalize: bool = True
 ) -> Path:
-    """Confusion matrix heat-map (rows = true, columns = predicted), row-normalised by default."""
+    """Confusion matrix heat-map (rows = true, columns = predicted), row-normalised by default.
+
+    Parameters
+    ----------
+    cm : array-like
+        ``[K, K]`` counts.
+    class_names : sequence of str, optional
+        Tick labels.
+    path : str or Path
+        The PNG of the confusion matrix.
+    normalize : bool
+        Divide each row by its sum.
+
+    Returns
+    -------
+    Path
+        ``path`` (the confusion matrix, written).
+    """
     m = _np(cm)
     if normalize:
         m = m / np.maximum(m.sum(axis=1, keepdims=True), 1.0)
@@ -185,6 +248,20 @@ def plot_explanations(
     Each value of ``maps_by_model`` is a ``[N, H, W]`` Grad-CAM tensor, a ``[N, 2, H, W]`` tensor
     (Grad-CAM, saliency), a ``(gradcam, saliency)`` pair or a ``{title: [N, H, W]}`` dict.
     Columns titled "Grad-CAM" (or the first column of a model) are drawn as overlays.
+
+    Parameters
+    ----------
+    images : Tensor
+        ``[N, C, H, W]`` in ``[-1, 1]``.
+    maps_by_model : mapping
+        Maps by model name.
+    path : str or Path
+        The PNG of the explanation grid.
+
+    Returns
+    -------
+    Path
+        ``path`` (the explanation grid, written).
     """
     imgs = images.detach().cpu()
     n = imgs.shape[0]
@@ -215,16 +292,25 @@ def plot_explanations(
     return _save(fig, path)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: PathLike) -> Path:
     """Loss (left) and accuracy (right) vs epoch for every numeric key present in the rows that
-    contains ``loss`` resp. ``acc``/``top1`` (e.g. ``train_loss``, ``val_loss``, ``val_acc``)."""
+    contains ``loss`` resp. ``acc``/``top1`` (e.g. ``train_loss``, ``val_loss``, ``val_acc``).
+
+    Parameters
+    ----------
+    metrics_rows : sequence of mapping
+        The rows of ``metrics.jsonl``.
+    path : str or Path
+        The PNG of the training curves.
+
+    Returns
+    -------
+    Path
+        ``path`` (the training curves, written).
+    """
     keys: list[str] = []
     for r in metrics_rows:
-        keys += [k for k, v in r.items() if k not in keys and k != "epoch" and _is_number(v)]
+        keys += [k for k, v in r.items() if k not in keys and k != "epoch" and is_number(v)]
     loss_keys = [k for k in keys if "loss" in k.lower()]
     acc_keys = [k for k in keys if "acc" in k.lower() or "top1" in k.lower()]
     fig = _new_figure((10.0, 4.0))
@@ -234,7 +320,7 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: Pat
             pts = [
                 (float(r.get("epoch", i)), float(r[k]))  # type: ignore[arg-type]
                 for i, r in enumerate(metrics_rows)
-                if _is_number(r.get(k))
+                if is_number(r.get(k))
             ]
             pts = [p for p in pts if math.isfinite(p[1])]
             if pts:
@@ -244,32 +330,3 @@ def plot_training_curves(metrics_rows: Sequence[Mapping[str, object]], path: Pat
         if ks:
             ax.legend(fontsize=7)
     return _save(fig, path)
-
-
-def _fmt(v: object) -> str:
-    if _is_number(v):
-        if isinstance(v, numbers.Integral):
-            return str(int(v))
-        return f"{float(v):.4g}"  # type: ignore[arg-type]
-    return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def write_table(rows: Sequence[Mapping[str, object]], path_stem: PathLike) -> str:
-    """Write ``<stem>.csv`` (full precision) and ``<stem>.md`` (numbers to 4 significant digits);
-    columns are the union of row keys in first-seen order.  Returns the Markdown text."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    stem = Path(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{stem}.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, restval="")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in cols})
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * len(cols)) + "|"]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in cols) + " |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    with open(f"{stem}.md", "w", encoding="utf-8") as fh:
-        fh.write(md)
-    return md

@@ -46,7 +46,18 @@ EXPERIMENTS: dict[str, Runner] = {name: _runner(module) for name, module in MODU
 
 
 def experiment_options(name: str) -> dict[str, Any]:
-    """The options an experiment accepts and their defaults (``None``: depends on ``tiny``)."""
+    """The options an experiment accepts and their defaults (``None``: depends on ``tiny``).
+
+    Parameters
+    ----------
+    name : str
+        An experiment of :data:`EXPERIMENTS`.
+
+    Returns
+    -------
+    dict
+        ``{option: default}`` of its ``run`` function's keyword-only options.
+    """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
     params = inspect.signature(_load(MODULES[name])).parameters
@@ -60,7 +71,24 @@ def experiment_options(name: str) -> dict[str, Any]:
 def run_experiment(
     name: str, out_dir: str | Path, tiny: bool = False, **options: Any
 ) -> list[dict[str, Any]]:
-    """Run experiment ``name``; unknown options raise ``ValueError`` naming the accepted ones."""
+    """Run experiment ``name``; unknown options raise ``ValueError`` naming the accepted ones.
+
+    Parameters
+    ----------
+    name : str
+        An experiment of :data:`EXPERIMENTS`.
+    out_dir : str or Path
+        Where its outputs go.
+    tiny : bool
+        Tiny sizes.
+    **options
+        Options of its ``run`` function.
+
+    Returns
+    -------
+    list of dict
+        Its table rows.
+    """
     accepted = experiment_options(name)
     unknown = sorted(set(options) - set(accepted) - {"log"})
     if unknown:

@@ -1,4 +1,4 @@
-"""Peak-memory probe, run in its own process by :func:`._common.run_probe`.
+"""Peak-memory probe, run in its own process by :func:`.common.run_probe`.
 
 Usage: ``python -m poincare_resnet.experiments._probe '<json spec>'``; prints one JSON line.
 
@@ -83,7 +83,7 @@ def _bn(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _resnet_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     from .. import ball
-    from ..experiments._common import count_graph_nodes
+    from ..experiments.common import count_graph_nodes
     from ..models import PoincareResNet
 
     torch.manual_seed(int(spec.get("seed", 0)))
@@ -140,7 +140,18 @@ KINDS = {"bn": _bn, "resnet_step": _resnet_step}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the probe described by the JSON argument and print its JSON result."""
+    """Run the probe described by the JSON argument and print its JSON result.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        ``[spec JSON]`` (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0.
+    """
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(args[0])
     if spec.get("threads"):

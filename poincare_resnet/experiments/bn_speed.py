@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.tables import write_table_atomic as write_table
 from ..nn import PoincareBatchNorm2d
-from ..training.trainer import NonFiniteError, TrainConfig, train
-from ._common import (
+from .common import (
     Log,
+    TrainRecipe,
     as_tuple,
     median_time,
     new_figure,
@@ -33,6 +33,7 @@ from ._common import (
     run_probe,
     save_figure,
     torch_threads,
+    train_or_none,
     write_json,
 )
 
@@ -50,7 +51,28 @@ def time_bn(
     seed: int = 0,
     device: str = "cpu",
 ) -> float:
-    """Median forward + backward time (s) of one Poincaré batch norm in train mode."""
+    """Median forward + backward time (s) of one Poincaré batch norm in train mode.
+
+    Parameters
+    ----------
+    mean : str
+        ``"midpoint"`` or ``"frechet"``.
+    batch, width, size : int
+        The map's shape ``(batch, width, size, size)``.
+    repeats : int
+        Timed calls.
+    c : float
+        The curvature.
+    seed : int
+        Seed of the input.
+    device : str
+        Where it runs.
+
+    Returns
+    -------
+    float
+        Seconds.
+    """
     dev = torch.device(device)
     bn = PoincareBatchNorm2d(width, c=c, mean=mean).to(dev)
     gen = torch.Generator().manual_seed(seed)
@@ -66,49 +88,39 @@ def time_bn(
 
 
 def train_with_bn(
-    mean: str,
-    out: Path,
-    *,
-    model: str,
-    dataset: str,
-    data_dir: str | None,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    limit_train: int | None,
-    seed: int,
-    threads: int | None,
-    device: str,
-    log: Log,
+    mean: str, out: Path, *, model: str, recipe: TrainRecipe, log: Log
 ) -> dict[str, Any]:
-    """Train ``model`` with ``bn_mean=mean``; return accuracy and epoch time."""
-    cfg = TrainConfig(
-        model=model,
-        dataset=dataset,
-        data_dir=data_dir,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        limit_train=limit_train,
-        seed=seed,
-        threads=threads,
-        device=device,
-        out=str(out),
-        overwrite=True,
-        progress=False,
-        model_kwargs={"bn_mean": mean},
-    )
+    """Train ``model`` with ``bn_mean=mean``; return accuracy and epoch time.
+
+    Parameters
+    ----------
+    mean : str
+        ``"midpoint"`` or ``"frechet"``.
+    out : Path
+        The run directory.
+    model : str
+        A registered model name.
+    recipe : TrainRecipe
+        The training options.
+    log : callable
+        Where a divergence is reported.
+
+    Returns
+    -------
+    dict
+        The table row (``test_top1``, ``best_val_top1``, ``mean_epoch_time_s``; NaN and
+        ``error`` when training diverged).
+    """
+    cfg = recipe.config(model, out, model_kwargs={"bn_mean": mean})
     row: dict[str, Any] = {
         "part": "train",
         "bn_mean": mean,
         "model": model,
-        "dataset": dataset,
-        "epochs": epochs,
+        "dataset": recipe.dataset,
+        "epochs": recipe.epochs,
     }
-    try:
-        s = train(cfg, log=lambda _m: None)
-    except NonFiniteError as e:
-        log(f"bn-speed: training with {mean} diverged: {e}")
+    s = train_or_none(cfg, log, f"bn-speed: training with {mean}")
+    if s is None:
         return {
             **row,
             "test_top1": float("nan"),
@@ -147,7 +159,25 @@ def run(
     timeout: float | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Timing / memory table over batch sizes and widths, plus the accuracy of short runs."""
+    """Timing / memory table over batch sizes and widths, plus the accuracy of short runs.
+
+    Parameters
+    ----------
+    out_dir, tiny, log
+        The output directory of the bn-speed tables, figure and summary; tiny sizes
+        (the ``None`` defaults depend on it); the progress log.
+    batch_sizes, widths, size, repeats, memory, c
+        The speed and memory grid (``memory``: measure peak memory in fresh processes).
+    model, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
+        The short training runs (``train_runs=False`` skips them).
+    seed, threads, device, timeout
+        Seed, torch CPU threads, device and the memory probes' timeout (s).
+
+    Returns
+    -------
+    list of dict
+        The table rows (speed rows, then training rows).
+    """
     out = Path(out_dir)
     batch_sizes = as_tuple(pick(batch_sizes, (32, 128), (8,), tiny))
     widths = as_tuple(pick(widths, (8, 16), (4,), tiny))
@@ -190,24 +220,12 @@ def run(
                 )
         train_rows = []
         if train_runs:
+            recipe = TrainRecipe(
+                dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+            )
             for mean in MEANS:
-                train_rows.append(
-                    train_with_bn(
-                        mean,
-                        out / "runs" / mean,
-                        model=model,
-                        dataset=dataset,
-                        data_dir=data_dir,
-                        epochs=epochs,
-                        batch_size=batch_size,
-                        lr=lr,
-                        limit_train=limit_train,
-                        seed=seed,
-                        threads=threads,
-                        device=device,
-                        log=log,
-                    )
-                )
+                run_dir = out / "runs" / mean
+                train_rows.append(train_with_bn(mean, run_dir, model=model, recipe=recipe, log=log))
     write_table(rows, out / SLUG)
     if train_rows:
         write_table(train_rows, out / f"{SLUG}_train")

@@ -12,11 +12,19 @@ from ..api import load_model
 from ..data import load_dataset
 from ..evaluation.attacks import PAPER_FGSM_EPS
 from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
-from ..evaluation.commands import write_table_atomic as write_table
 from ..evaluation.plots import plot_accuracy_vs_eps
+from ..evaluation.tables import write_table_atomic as write_table
 from ..training.checkpoint import atomic_output
-from ..training.trainer import NonFiniteError, TrainConfig, train
-from ._common import Log, as_str_tuple, as_tuple, pick, torch_threads, write_json
+from .common import (
+    Log,
+    TrainRecipe,
+    as_str_tuple,
+    as_tuple,
+    pick,
+    torch_threads,
+    train_or_none,
+    write_json,
+)
 
 SLUG = "compare"
 MODELS = ("euclidean_resnet20", "hybrid_resnet20", "poincare_resnet20")
@@ -52,7 +60,29 @@ def run(
     log: Log = print,
 ) -> list[dict[str, Any]]:
     """Train every model of ``models`` with one recipe and evaluate it; one wide table row per
-    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``)."""
+    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``).
+
+    Parameters
+    ----------
+    out_dir, tiny, log
+        The output directory of the compare tables (one wide row per model), figure and
+        summary; tiny sizes (the ``None`` defaults depend on it); the progress log.
+    models : sequence of str
+        Registered model names.
+    dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, limit_train
+        The one training recipe.
+    ood_sets, scores, repeats
+        The OOD evaluation.
+    attacks, eps, pgd_steps, attack_limit
+        The robustness evaluation.
+    seed, threads, device
+        Seed (data order, OOD draws, PGD starts), torch CPU threads and device.
+
+    Returns
+    -------
+    list of dict
+        The table rows, one per model.
+    """
     out = Path(out_dir)
     models = as_str_tuple(models)
     dataset = pick(dataset, "fashion-mnist", "digits", tiny)
@@ -71,30 +101,17 @@ def run(
     rows: list[dict[str, Any]] = []
     all_attack_rows: list[dict[str, Any]] = []
     all_ood_rows: list[dict[str, Any]] = []
+    recipe = TrainRecipe(
+        dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+    )
     with torch_threads(threads):
         for name in models:
-            cfg = TrainConfig(
-                model=name,
-                dataset=dataset,
-                data_dir=data_dir,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=lr,
-                optimizer=optimizer,
-                weight_decay=weight_decay,
-                limit_train=limit_train,
-                seed=seed,
-                threads=threads,
-                device=device,
-                out=str(out / "runs" / name),
-                overwrite=True,
-                progress=False,
+            cfg = recipe.config(
+                name, out / "runs" / name, optimizer=optimizer, weight_decay=weight_decay
             )
             row: dict[str, Any] = {"model": name, "dataset": dataset, "epochs": epochs}
-            try:
-                summary = train(cfg, log=lambda _m: None)
-            except NonFiniteError as e:
-                log(f"compare: {name} diverged: {e}")
+            summary = train_or_none(cfg, log, f"compare: {name}")
+            if summary is None:
                 rows.append({**row, "error": "non-finite"})
                 continue
             model, _meta = load_model(summary["run_dir"], device)
@@ -104,50 +121,47 @@ def run(
                 mean_epoch_time_s=summary["mean_epoch_time_s"],
             )
             ood, _, _ = ood_scores_and_rows(model, test_x, sets, scores, repeats, seed=seed)
-            for r in ood:
-                all_ood_rows.append({"model": name, **r})
-                row[f"auroc_{r['score']}_{r['ood_set']}"] = r["auroc"]
-                row[f"fpr95_{r['score']}_{r['ood_set']}"] = r["fpr95"]
-            att = attack_rows(
-                model,
-                test_x[:n_att],
-                test_y[:n_att],
-                attacks,
-                eps,
-                pgd_steps,
-                seed=seed,
-            )
-            for r in att:
-                all_attack_rows.append({"model": name, **r})
-                row[f"{r['attack']}_acc_{_eps_key(r['eps'])}"] = r["accuracy"]
+            attacked = (test_x[:n_att], test_y[:n_att])
+            att = attack_rows(model, *attacked, attacks, eps, pgd_steps, seed=seed)
+            _add_columns(row, ood, att)
+            all_ood_rows += [{"model": name, **r} for r in ood]
+            all_attack_rows += [{"model": name, **r} for r in att]
             rows.append(row)
             log(
                 f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
                 f"{row['mean_epoch_time_s']:.2f} s/epoch"
             )
-    write_table(rows, out / SLUG)
-    if all_ood_rows:
-        write_table(all_ood_rows, out / f"{SLUG}_ood")
-    if all_attack_rows:
-        write_table(all_attack_rows, out / f"{SLUG}_attacks")
-        with atomic_output(out / f"{SLUG}.png") as tmp:
-            plot_accuracy_vs_eps(
-                all_attack_rows,
-                tmp,
-                title=f"Robust accuracy on {dataset} ({n_att} test images)",
-            )
-    write_json(
-        out / f"{SLUG}_summary.json",
-        {
-            "recipe": {
-                "dataset": dataset,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": lr,
-                "optimizer": optimizer,
-                "limit_train": limit_train,
-            },
-            "models": rows,
-        },
-    )
+    title = f"Robust accuracy on {dataset} ({n_att} test images)"
+    _write_tables(out, rows, all_ood_rows, all_attack_rows, title)
+    recipe_facts = {
+        "dataset": dataset,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": optimizer,
+        "limit_train": limit_train,
+    }
+    write_json(out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows})
     return rows
+
+
+def _add_columns(row: dict[str, Any], ood: list[dict], att: list[dict]) -> None:
+    """The wide row's ``auroc_<score>_<set>``, ``fpr95_…`` and ``<attack>_acc_<ε·255>``."""
+    for r in ood:
+        row[f"auroc_{r['score']}_{r['ood_set']}"] = r["auroc"]
+        row[f"fpr95_{r['score']}_{r['ood_set']}"] = r["fpr95"]
+    for r in att:
+        row[f"{r['attack']}_acc_{_eps_key(r['eps'])}"] = r["accuracy"]
+
+
+def _write_tables(
+    out: Path, rows: list[dict], ood_rows: list[dict], att_rows: list[dict], title: str
+) -> None:
+    """``compare``, ``compare_ood`` and ``compare_attacks`` tables and the robustness figure."""
+    write_table(rows, out / SLUG)
+    if ood_rows:
+        write_table(ood_rows, out / f"{SLUG}_ood")
+    if att_rows:
+        write_table(att_rows, out / f"{SLUG}_attacks")
+        with atomic_output(out / f"{SLUG}.png") as tmp:
+            plot_accuracy_vs_eps(att_rows, tmp, title=title)

@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
-from ._common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
+from ..evaluation.tables import write_table_atomic as write_table
+from .common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
 
 SLUG = "graph_memory"
 MODES = (("manual", True), ("autograd", False))
@@ -53,7 +53,23 @@ def run(
     timeout: float | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Graph nodes, peak memory and step time per (depth, backward mode); table + figure."""
+    """Graph nodes, peak memory and step time per (depth, backward mode); table + figure.
+
+    Parameters
+    ----------
+    out_dir, tiny, log
+        The output directory of the graph-memory table, figure and summary; tiny sizes
+        (the ``None`` defaults depend on it); the progress log.
+    depths, batch_size, size, in_chans, widths, repeats
+        The networks and their input.
+    seed, threads, device, timeout
+        Seed, torch CPU threads, device and the probes' timeout (s).
+
+    Returns
+    -------
+    list of dict
+        The table rows, one per (depth, backward mode).
+    """
     out = Path(out_dir)
     depths = as_tuple(pick(depths, (8, 20, 32), (8,), tiny))
     batch_size = int(pick(batch_size, 128, 4, tiny))

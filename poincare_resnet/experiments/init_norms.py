@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.tables import write_table_atomic as write_table
 from ..nn import PoincareConv2d, PoincareLinear
-from ._common import (
+from .common import (
     Log,
     mean_tangent_norm,
     new_figure,
@@ -51,7 +51,22 @@ def _random_tangents(
 
 @torch.no_grad()
 def norm_profile(layers: list[torch.nn.Module], u: torch.Tensor, dim: int) -> list[float]:
-    """Mean tangent norm after each layer relative to the input's (entry 0 is the input: 1)."""
+    """Mean tangent norm after each layer relative to the input's (entry 0 is the input: 1).
+
+    Parameters
+    ----------
+    layers : list of nn.Module
+        Applied in order.
+    u : Tensor
+        The input tangent vectors.
+    dim : int
+        Their axis.
+
+    Returns
+    -------
+    list of float
+        ``len(layers) + 1`` ratios.
+    """
     base = mean_tangent_norm(u, dim)
     out = [1.0]
     for layer in layers:
@@ -76,7 +91,23 @@ def run(
     threads: int | None = None,
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Relative tangent norm per layer for every (layer kind, init); table + figure."""
+    """Relative tangent norm per layer for every (layer kind, init); table + figure.
+
+    Parameters
+    ----------
+    out_dir, tiny, log
+        The output directory of the init-norms table, figure and summary; tiny sizes (the
+        ``None`` defaults depend on it); the progress log.
+    depth, features, channels, size, batch, input_norm, c, dtype
+        The layer stacks and their input.
+    seed, threads
+        Seed and torch CPU threads.
+
+    Returns
+    -------
+    list of dict
+        The table rows, one per (layer kind, init).
+    """
     out = Path(out_dir)
     depth = int(pick(depth, 50, 10, tiny))
     batch = int(pick(batch, 64, 8, tiny))

@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 
-from ..evaluation.commands import write_table_atomic as write_table
+from ..evaluation.tables import write_table_atomic as write_table
 from ..models import NORM_FREE, PoincareResNet
-from ..training.trainer import NonFiniteError, TrainConfig, resolve_device, train
-from ._common import (
+from ..training.config import resolve_device
+from .common import (
     Log,
+    TrainRecipe,
     as_str_tuple,
     as_tuple,
     mean_tangent_norm,
@@ -32,6 +33,7 @@ from ._common import (
     pick,
     save_figure,
     torch_threads,
+    train_or_none,
     write_json,
 )
 
@@ -57,7 +59,26 @@ TRAIN_MODELS = ("poincare_resnet20_nf", "poincare_resnet20")
 def init_norms(
     depth: int, variant: str, x: torch.Tensor, mode: str, seed: int = 0
 ) -> dict[str, float]:
-    """Tangent norms of a freshly initialised ResNet's outputs on ``x``."""
+    """Tangent norms of a freshly initialised ResNet's outputs on ``x``.
+
+    Parameters
+    ----------
+    depth : int
+        The ResNet's depth.
+    variant : str
+        A key of :data:`VARIANTS`.
+    x : Tensor
+        The input batch.
+    mode : str
+        ``"train"`` or ``"eval"`` (batch-norm statistics).
+    seed : int
+        Seed of the initialisation.
+
+    Returns
+    -------
+    dict of str to float
+        ``feature_map_norm``, ``feature_norm``, ``logit_norm``.
+    """
     torch.manual_seed(seed)
     model = PoincareResNet(depth, in_chans=x.shape[1], **VARIANTS[variant]).to(x.device)
     model.train(mode == "train")
@@ -94,7 +115,25 @@ def run(
     device: str = "cpu",
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """(a) init norms vs depth per variant, (b) training comparison; tables + figure."""
+    """(a) init norms vs depth per variant, (b) training comparison; tables + figure.
+
+    Parameters
+    ----------
+    out_dir, tiny, log
+        The output directory of the norm-free tables, figure and summary; tiny sizes (the
+        ``None`` defaults depend on it); the progress log.
+    depths, variants, init_batch, size, in_chans, mode
+        Part (a): the initial norms.
+    models, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
+        Part (b): the training runs (``train_runs=False`` skips them).
+    seed, threads, device
+        Seed (inputs, initialisation, training), torch CPU threads and device.
+
+    Returns
+    -------
+    list of dict
+        The table rows (init rows, then training rows).
+    """
     out = Path(out_dir)
     depths = as_tuple(pick(depths, (20, 32, 44, 56, 110), (8, 14), tiny))
     variants = as_str_tuple(variants)
@@ -131,38 +170,26 @@ def run(
                     }
                 )
         if train_runs:
+            recipe = TrainRecipe(
+                dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+            )
             for name in as_str_tuple(models):
-                cfg = TrainConfig(
-                    model=name,
-                    dataset=dataset,
-                    data_dir=data_dir,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    lr=lr,
-                    limit_train=limit_train,
-                    seed=seed,
-                    threads=threads,
-                    device=device,
-                    out=str(out / "runs" / name),
-                    overwrite=True,
-                    progress=False,
-                )
+                cfg = recipe.config(name, out / "runs" / name)
                 row: dict[str, Any] = {
                     "part": "train",
                     "model": name,
                     "dataset": dataset,
                     "epochs": epochs,
                 }
-                try:
-                    s = train(cfg, log=lambda _m: None)
+                s = train_or_none(cfg, log, f"norm-free: {name}")
+                if s is None:
+                    row.update(test_top1=float("nan"), error="non-finite")
+                else:
                     row.update(
                         test_top1=s["test_top1"],
                         best_val_top1=s["best_val_top1"],
                         mean_epoch_time_s=s["mean_epoch_time_s"],
                     )
-                except NonFiniteError as e:
-                    log(f"norm-free: {name} diverged: {e}")
-                    row.update(test_top1=float("nan"), error="non-finite")
                 train_rows.append(row)
     write_table(init_rows, out / SLUG)
     if train_rows:

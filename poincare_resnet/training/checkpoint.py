@@ -102,6 +102,18 @@ def atomic_stem(stem: PathLike, suffixes: Sequence[str] = ("",)) -> Iterator[Pat
     new file, never a half-written one; if the block raises, the temporary files are removed
     and the targets are untouched. This is the one writer every output of the library goes
     through (checkpoints, JSON, tables, figures).
+
+    Parameters
+    ----------
+    stem : str or Path
+        The targets' common path; each target is ``stem + suffix``.
+    suffixes : sequence of str
+        One target per suffix (default: ``stem`` itself).
+
+    Yields
+    ------
+    Path
+        The temporary stem to write ``<tmp><suffix>`` files under.
     """
     stem = Path(stem)
     directory = stem.parent if str(stem.parent) else Path(".")
@@ -129,21 +141,46 @@ def atomic_stem(stem: PathLike, suffixes: Sequence[str] = ("",)) -> Iterator[Pat
 def atomic_output(path: PathLike) -> Iterator[Path]:
     """Atomically write one file: yields a temporary path with ``path``'s suffix (so that
     writers that infer the format from it, e.g. ``savefig``, still work); see
-    :func:`atomic_stem`."""
+    :func:`atomic_stem`.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to replace.
+
+    Yields
+    ------
+    Path
+        The temporary file to write.
+    """
     path = Path(path)
     with atomic_stem(path.with_name(path.stem), (path.suffix,)) as tmp:
         yield Path(f"{tmp}{path.suffix}")
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: the file is either the old or the new content."""
+    """Write ``data`` to ``path`` atomically: the file is either the old or the new content.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to replace.
+    data : bytes
+        Its new content.
+    """
     with atomic_output(path) as tmp:
         with open(tmp, "xb") as handle:
             handle.write(data)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
+    """Write UTF-8 ``text`` to ``path`` atomically, as :func:`atomic_write_bytes` does bytes.
+
+    Parameters
+    ----------
+    path, text : str or Path, str
+        The file to replace and its new text.
+    """
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -163,6 +200,18 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], Any]:
     Python scalars). Tensors are replaced by ``{"__tensor__": name}``, tuples by
     ``{"__tuple__": [...]}``, and dicts whose keys are not all strings (such as optimizer
     state keyed by parameter index) by ``{"__dict_items__": [[key, value], ...]}``.
+
+    Parameters
+    ----------
+    obj : Any
+        A nested state (``state_dict()`` of a model, optimizer, scheduler, ...).
+    prefix : str
+        The tensor names' prefix.
+
+    Returns
+    -------
+    tuple
+        ``(tensors, structure)``: ``{name: tensor}`` and the JSON-serialisable rest.
     """
     tensors: dict[str, Tensor] = {}
 
@@ -201,7 +250,20 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, Tensor], Any]:
 
 
 def unflatten_state(structure: Any, tensors: Mapping[str, Tensor]) -> Any:
-    """Inverse of :func:`flatten_state`: rebuild the nested state from its structure."""
+    """Inverse of :func:`flatten_state`: rebuild the nested state from its structure.
+
+    Parameters
+    ----------
+    structure : Any
+        The JSON structure :func:`flatten_state` returned.
+    tensors : mapping of str to Tensor
+        The tensors by name.
+
+    Returns
+    -------
+    Any
+        The nested state.
+    """
 
     def decode(value: Any) -> Any:
         if isinstance(value, list):
@@ -236,7 +298,13 @@ def _hashable(key: Any) -> Any:
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Snapshot torch CPU/CUDA, Python ``random`` and numpy global RNG states."""
+    """Snapshot torch CPU/CUDA, Python ``random`` and numpy global RNG states.
+
+    Returns
+    -------
+    dict
+        ``torch`` (and ``cuda`` where present), ``python`` and ``numpy`` states.
+    """
     version, internal, gauss_next = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)  # noqa: NPY002
     state: dict[str, Any] = {
@@ -260,7 +328,13 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore RNG states captured by :func:`capture_rng_state` (missing parts are skipped)."""
+    """Restore RNG states captured by :func:`capture_rng_state` (missing parts are skipped).
+
+    Parameters
+    ----------
+    state : mapping
+        What :func:`capture_rng_state` returned (possibly through a checkpoint).
+    """
     if "torch" in state:
         torch.set_rng_state(state["torch"].detach().cpu().to(torch.uint8))
     cuda_states = state.get("cuda")
@@ -348,6 +422,24 @@ def save_checkpoint(
 
     ``scaler_state`` is a ``torch.amp.GradScaler.state_dict()`` (fp16 training): the scale
     (a float32 value, exact as a JSON number) and the growth tracker, restored bit for bit.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.safetensors`` file to write.
+    model_state : mapping of str to Tensor
+        ``model.state_dict()``.
+    meta : mapping
+        JSON metadata (model name, resolved config, dataset, ...).
+    optimizer_state, scheduler_state, rng_state, scaler_state : mapping, optional
+        The training state of a resume checkpoint.
+    extra_tensors : mapping of str to Tensor, optional
+        Further tensors to store.
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -447,12 +539,31 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def verify_checkpoint(path: PathLike) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete, intact checkpoint."""
+    """Raise :class:`CheckpointError` unless ``path`` is a complete, intact checkpoint.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint file.
+    """
     _read_checkpoint(Path(path))
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Load and verify a checkpoint; tensors (except RNG states) go to ``map_location``."""
+    """Load and verify a checkpoint; tensors (except RNG states) go to ``map_location``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The checkpoint file.
+    map_location : str or torch.device
+        Where the tensors go.
+
+    Returns
+    -------
+    Checkpoint
+        Its model state, metadata and (resume checkpoints) training state.
+    """
     path = Path(path)
     tensors, record = _read_checkpoint(path)
     layout = record.pop(_LAYOUT_KEY, None) or {}
@@ -496,7 +607,17 @@ def _listing(items: list[str]) -> str:
 def load_model_state(
     model: nn.Module, state: Mapping[str, Tensor], *, source: str = "checkpoint"
 ) -> None:
-    """Load ``state`` into ``model`` after checking keys and shapes; cast differing dtypes."""
+    """Load ``state`` into ``model`` after checking keys and shapes; cast differing dtypes.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network to load into.
+    state : mapping of str to Tensor
+        The checkpoint's model state.
+    source : str
+        The checkpoint's name in error messages.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -544,13 +665,30 @@ class CheckpointManager:
         self._pattern = re.compile(rf"{re.escape(prefix)}-(\d+)\.safetensors")
 
     def path_for(self, step: int) -> Path:
-        """File name of the checkpoint for ``step``."""
+        """File name of the checkpoint for ``step``.
+
+        Parameters
+        ----------
+        step : int
+            The optimisation step.
+
+        Returns
+        -------
+        Path
+            ``<directory>/<prefix>-<step>.safetensors``.
+        """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         return self.directory / f"{self.prefix}-{step:08d}.safetensors"
 
     def paths(self) -> list[Path]:
-        """Checkpoint files in the directory, oldest (lowest step) first."""
+        """Checkpoint files in the directory, oldest (lowest step) first.
+
+        Returns
+        -------
+        list of Path
+            The checkpoint files.
+        """
         found = []
         for entry in self.directory.iterdir():
             match = self._pattern.fullmatch(entry.name)
@@ -559,7 +697,20 @@ class CheckpointManager:
         return [p for _, p in sorted(found)]
 
     def save(self, step: int, **kwargs: Any) -> Path:
-        """Write the checkpoint for ``step`` atomically, then prune old ones beyond ``keep``."""
+        """Write the checkpoint for ``step`` atomically, then prune old ones beyond ``keep``.
+
+        Parameters
+        ----------
+        step : int
+            The optimisation step.
+        **kwargs
+            The arguments of :func:`save_checkpoint` after ``path``.
+
+        Returns
+        -------
+        Path
+            The new checkpoint.
+        """
         path = save_checkpoint(self.path_for(step), **kwargs)
         others = [p for p in self.paths() if p != path]
         for old in others[: max(0, len(others) - (self.keep - 1))]:
@@ -571,7 +722,20 @@ class CheckpointManager:
     def latest_valid(
         self, log: Callable[[str], Any] = print, map_location: str | torch.device = "cpu"
     ) -> Checkpoint | None:
-        """Newest checkpoint that verifies; bad ones are logged and skipped."""
+        """Newest checkpoint that verifies; bad ones are logged and skipped.
+
+        Parameters
+        ----------
+        log : callable
+            Where a skipped checkpoint is reported.
+        map_location : str or torch.device
+            Where the tensors go.
+
+        Returns
+        -------
+        Checkpoint or None
+            ``None`` when no checkpoint verifies.
+        """
         for path in reversed(self.paths()):
             try:
                 return load_checkpoint(path, map_location=map_location)

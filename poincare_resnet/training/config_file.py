@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .trainer import TrainConfig
+from .config import TrainConfig
 
 __all__ = ["ConfigFileError", "check_config_dict", "load_config_file", "merge_config"]
 
@@ -31,7 +31,17 @@ class ConfigFileError(ValueError):
     """A config file that cannot be read, or holds an unknown key or a value of a wrong type."""
 
 
-def _read_toml(text: str, path: Path) -> Any:
+def _parser(kind: str, path: Path) -> tuple[Any, type[Exception]]:
+    """The parse function of format ``kind`` and the error it raises on bad text (importing
+    its module; :class:`ConfigFileError` naming the package when it is missing)."""
+    if kind == "json":
+        return json.loads, json.JSONDecodeError
+    if kind == "yaml":
+        try:
+            import yaml
+        except ImportError as e:
+            raise ConfigFileError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
+        return yaml.safe_load, yaml.YAMLError
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -39,28 +49,16 @@ def _read_toml(text: str, path: Path) -> Any:
             import tomli as tomllib
         except ImportError as e:
             raise ConfigFileError(f"{path}: reading TOML on Python 3.10 needs `tomli`") from e
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigFileError(f"{path}: not valid TOML: {e}") from e
+    return tomllib.loads, tomllib.TOMLDecodeError
 
 
-def _read_yaml(text: str, path: Path) -> Any:
+def _parse(text: str, path: Path, kind: str) -> Any:
+    """The document in ``text``; :class:`ConfigFileError` naming the file on a parse error."""
+    loads, error = _parser(kind, path)
     try:
-        import yaml
-    except ImportError as e:
-        raise ConfigFileError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from e
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigFileError(f"{path}: not valid YAML: {e}") from e
-
-
-def _read_json(text: str, path: Path) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigFileError(f"{path}: not valid JSON: {e}") from e
+        return loads(text)
+    except error as e:
+        raise ConfigFileError(f"{path}: not valid {kind.upper()}: {e}") from e
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -77,6 +75,11 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     ConfigFileError
         Missing file, unknown suffix, a parse error, a key that is not a field, or a value whose
         type does not match the field's.
+
+    Returns
+    -------
+    dict
+        The checked values by field name.
     """
     p = Path(path)
     kind = FORMATS.get(p.suffix.lower())
@@ -87,7 +90,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigFileError(f"--config {p}: no such file")
     text = p.read_text(encoding="utf-8")
-    data = {"toml": _read_toml, "yaml": _read_yaml, "json": _read_json}[kind](text, p)
+    data = _parse(text, p, kind)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -135,6 +138,18 @@ def check_config_dict(data: dict[str, Any], source: str = "config") -> dict[str,
     ``config.json`` next to the options) are skipped: the repeated run builds its network from
     ``model`` and ``model_kwargs`` with today's registry defaults. ``bool`` is not accepted for
     numeric fields, nor a number for a ``bool`` field. Returns a new dict with underscore keys.
+
+    Parameters
+    ----------
+    data : dict
+        ``{key: value}`` as read from a file.
+    source : str
+        The file's name in error messages.
+
+    Returns
+    -------
+    dict
+        The checked values by field name.
     """
     types = _field_types()
     out: dict[str, Any] = {}
@@ -173,6 +188,11 @@ def merge_config(
         Every :class:`TrainConfig` field as the command line resolved it (defaults included).
     given : set of str
         The fields set explicitly on the command line.
+
+    Returns
+    -------
+    dict
+        Every field's value: the command line's where given, else the file's, else the default.
     """
     merged = dict(cli_values)
     for key, value in file_values.items():
@@ -186,6 +206,16 @@ def explicit_train_fields(argv: list[str]) -> set[str]:
 
     Re-parses ``argv`` with every default of the ``train`` parser replaced by
     ``argparse.SUPPRESS``, so only the options actually written appear.
+
+    Parameters
+    ----------
+    argv : list of str
+        The arguments after ``train``.
+
+    Returns
+    -------
+    set of str
+        Field names (underscore form).
     """
     import argparse
 

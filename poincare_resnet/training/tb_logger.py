@@ -44,6 +44,13 @@ def stage_tangent_norms(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     Returns ``{stage: norms}`` with ``norms`` a flat CPU float64 tensor: ``‖v‖`` per pixel of
     a ``[B, C, H, W]`` map, per sample of a ``[B, C]`` output. Each module's ``training`` flag
     is restored afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A ``PoincareResNet`` (or a model with the same stages).
+    x : Tensor
+        The probe batch.
     """
     from ..evaluation.ood import eval_mode
 
@@ -98,7 +105,15 @@ class TensorBoardLogger:
         self.probe_x = probe_x
 
     def log_epoch(self, row: dict[str, Any], model: nn.Module) -> None:
-        """Log one ``metrics.jsonl`` row (at ``row["step"]``) and the model's state."""
+        """Log one ``metrics.jsonl`` row (at ``row["step"]``) and the model's state.
+
+        Parameters
+        ----------
+        row : dict
+            The epoch's metrics.
+        model : nn.Module
+            The network (its weight histograms and stage norms are logged).
+        """
         step = int(row["step"])
         for key, tag in SCALAR_TAGS.items():
             if key in row and row[key] is not None:
@@ -119,7 +134,24 @@ def make_logger(
     log: str, run: Path, probe_x: Tensor, probe_size: int = 256
 ) -> TensorBoardLogger | None:
     """A :class:`TensorBoardLogger` in ``run/tensorboard`` for ``log == "tensorboard"``, else
-    ``None`` (``"jsonl"``: ``metrics.jsonl`` only)."""
+    ``None`` (``"jsonl"``: ``metrics.jsonl`` only).
+
+    Parameters
+    ----------
+    log : str
+        ``--log``: ``jsonl`` or ``tensorboard``.
+    run : Path
+        The run directory.
+    probe_x : Tensor
+        Validation images for the stage-norm histograms.
+    probe_size : int
+        How many of them are used.
+
+    Returns
+    -------
+    TensorBoardLogger or None
+        The logger, or ``None`` for ``jsonl``.
+    """
     if log != "tensorboard":
         return None
     return TensorBoardLogger(run / "tensorboard", probe_x[:probe_size])
