@@ -23,8 +23,11 @@ from .resnet import (
     as_layers,
     blocks_per_stage,
 )
+from .resnet_imagenet import EuclideanImageNetResNet, HybridImageNetResNet, PoincareImageNetResNet
 
 DEPTHS = (20, 32, 44, 56, 110)
+#: the registered depths of the ImageNet-topology ResNets (widths 64-128-256-512)
+IMAGENET_DEPTHS = (18, 34, 50)
 _FAMILIES: dict[str, type[nn.Module]] = {
     "poincare": PoincareResNet,
     "euclidean": EuclideanResNet,
@@ -51,6 +54,14 @@ for _family, _cls in _FAMILIES.items():
         register_model(f"{_family}_resnet{_depth}_w16", _cls, depth=_depth, widths=(16, 32, 64))
 for _depth in DEPTHS:
     register_model(f"poincare_resnet{_depth}_nf", PoincareResNet, depth=_depth, **NORM_FREE)
+_IMAGENET_FAMILIES: dict[str, type[nn.Module]] = {
+    "poincare": PoincareImageNetResNet,
+    "euclidean": EuclideanImageNetResNet,
+    "hybrid": HybridImageNetResNet,
+}
+for _family, _cls in _IMAGENET_FAMILIES.items():
+    for _depth in IMAGENET_DEPTHS:
+        register_model(f"{_family}_resnet{_depth}", _cls, depth=_depth)
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -450,9 +450,10 @@ class EuclideanBasicBlock(nn.Module):
     expansion = 1
 
     def __init__(
-        self, cin: int, cout: int, stride: int, layers: EuclideanLayers = EuclideanLayers()
+        self, cin: int, cout: int, stride: int, layers: EuclideanLayers | None = None
     ) -> None:
         super().__init__()
+        layers = layers or EuclideanLayers()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = layers.norm_layer(cout)
         self.relu = nn.ReLU(inplace=True)
