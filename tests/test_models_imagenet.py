@@ -4,6 +4,7 @@ the layer settings (``PoincareLayers`` / ``EuclideanLayers``), checkpoints, Grad
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import pytest
@@ -273,3 +274,42 @@ def test_cli_trains_and_lists_a_resnet18(tmp_path, capsys):
     assert cli.main(argv) == 0, capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["model_kwargs"] == {"widths": [4, 4, 4, 4], "stem": "imagenet", "bn_eps": 0.001}
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+
+def _scaling():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
+    spec = importlib.util.spec_from_file_location("scaling_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scaling_benchmark_tiny_mode_writes_json_table_and_plot(tmp_path):
+    scaling = _scaling()
+    out = tmp_path / "scaling"
+    rows = scaling.main(["--tiny", "--inline", "--threads", "1", "--out", str(out)])
+    assert [r["axis"] for r in rows] == ["width", "depth", "resolution"]
+    for r in rows:
+        for fam in ("euclidean", "poincare"):
+            m = r[fam]
+            assert m["train_ms"] > 0 and m["peak_mib"] > 0
+            assert m["act_peak_mib"] > 0  # batch B holds more activations than B/2
+        assert r["peak_mib_ratio"] == r["poincare"]["peak_mib"] / r["euclidean"]["peak_mib"]
+    assert json.loads((out / "scaling.json").read_text()) == json.loads(json.dumps(rows))
+    table = (out / "scaling.md").read_text().splitlines()
+    assert sum(line.startswith("| ") for line in table) == 1 + len(rows)
+    assert "224" not in table[-1] and "imagenet stem" in table[-1]
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_callgrind_marker_runs_the_step_once_and_is_a_no_op_outside_valgrind(tmp_path):
+    scaling, calls = _scaling(), []
+    scaling.collected_step(lambda: calls.append(1), scaling.callgrind_marker(str(tmp_path)))
+    assert calls == [1]
