@@ -279,13 +279,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 _MARKER_C = """#include <valgrind/callgrind.h>
-void cg_toggle(void) { CALLGRIND_TOGGLE_COLLECT; }
+void cg_start(void) { CALLGRIND_START_INSTRUMENTATION; }
+void cg_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; }
 """
 
 
 def callgrind_marker(directory: str) -> ctypes.CDLL:
-    """A two-line C library whose ``cg_toggle()`` is callgrind's ``CALLGRIND_TOGGLE_COLLECT``
-    client request (a no-op outside valgrind), built with ``cc`` in ``directory``."""
+    """A two-function C library: ``cg_start()`` / ``cg_stop()`` are callgrind's
+    ``CALLGRIND_START/STOP_INSTRUMENTATION`` client requests (no-ops outside valgrind), built
+    with ``cc`` in ``directory``."""
     src, lib = os.path.join(directory, "cg_marker.c"), os.path.join(directory, "cg_marker.so")
     Path(src).write_text(_MARKER_C)
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", lib, src], check=True)
@@ -293,13 +295,13 @@ def callgrind_marker(directory: str) -> ctypes.CDLL:
 
 
 def collected_step(step, marker: ctypes.CDLL) -> None:
-    """``step()`` between two toggles: with ``--collect-atstart=no`` callgrind counts exactly
-    the step."""
-    marker.cg_toggle()
+    """``step()`` with instrumentation on: with ``--instr-atstart=no`` callgrind counts exactly
+    the step (and runs the start-up and warm-up uninstrumented, several times faster)."""
+    marker.cg_start()
     try:
         step()
     finally:
-        marker.cg_toggle()
+        marker.cg_stop()
 
 
 def _callgrind_child(args: argparse.Namespace) -> None:
@@ -318,7 +320,7 @@ def callgrind(name: str, kwargs: dict, res: int, batch: int, warmup: int) -> int
             "valgrind",
             "--tool=callgrind",
             f"--callgrind-out-file={out}",
-            "--collect-atstart=no",
+            "--instr-atstart=no",
             sys.executable,
             __file__,
             "--callgrind-child",
