@@ -366,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test")
     p.add_argument("--inline", action="store_true", help="no child processes (smoke tests)")
     p.add_argument("--axes", default="width,depth,resolution")
-    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
@@ -399,9 +399,12 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
         configs = [replace(c, batch=max(c.batch // 4, 4)) for c in configs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for cfg in configs:
-        rows.append(run_config(cfg, args))
+    rows, done = [], {}
+    for cfg in configs:  # a model measured on two axes runs once
+        key = (cfg.model, cfg.res, cfg.batch, json.dumps(cfg.kwargs, sort_keys=True))
+        if key not in done:
+            done[key] = run_config(cfg, args)
+        rows.append({**done[key], "axis": cfg.axis, "label": cfg.label})
         r = rows[-1]
         print(
             f"{cfg.axis:<10} {cfg.label:<26} time {r['train_ms_ratio']:.2f}x  peak "
