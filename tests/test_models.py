@@ -22,9 +22,11 @@ from poincare_resnet.models import (
 )
 from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d
 
+# the CIFAR ResNets (depth 6n+2); the ResNet-18/34/50 families: tests/test_models_imagenet.py
 # depth 110 is covered for one family only (the Poincaré ones take ~1 s each at depth 110)
 ALL_MODELS = list_models()
-FAST_MODELS = [n for n in ALL_MODELS if "110" not in n or n.startswith(("euclidean", "hybrid"))]
+CIFAR_MODELS = [n for n in ALL_MODELS if not re.search(r"resnet(18|34|50)\b", n)]
+FAST_MODELS = [n for n in CIFAR_MODELS if "110" not in n or n.startswith(("euclidean", "hybrid"))]
 
 
 def _forward_backward(model: nn.Module, in_chans: int, num_classes: int) -> torch.Tensor:

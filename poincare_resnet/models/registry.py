@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import inspect
@@ -14,9 +15,19 @@ from typing import Any
 
 from torch import nn
 
-from .resnet import NORM_FREE, EuclideanResNet, HybridResNet, PoincareResNet, blocks_per_stage
+from .resnet import (
+    NORM_FREE,
+    EuclideanResNet,
+    HybridResNet,
+    PoincareResNet,
+    as_layers,
+    blocks_per_stage,
+)
+from .resnet_imagenet import EuclideanImageNetResNet, HybridImageNetResNet, PoincareImageNetResNet
 
 DEPTHS = (20, 32, 44, 56, 110)
+#: the registered depths of the ImageNet-topology ResNets (widths 64-128-256-512)
+IMAGENET_DEPTHS = (18, 34, 50)
 _FAMILIES: dict[str, type[nn.Module]] = {
     "poincare": PoincareResNet,
     "euclidean": EuclideanResNet,
@@ -43,6 +54,14 @@ for _family, _cls in _FAMILIES.items():
         register_model(f"{_family}_resnet{_depth}_w16", _cls, depth=_depth, widths=(16, 32, 64))
 for _depth in DEPTHS:
     register_model(f"poincare_resnet{_depth}_nf", PoincareResNet, depth=_depth, **NORM_FREE)
+_IMAGENET_FAMILIES: dict[str, type[nn.Module]] = {
+    "poincare": PoincareImageNetResNet,
+    "euclidean": EuclideanImageNetResNet,
+    "hybrid": HybridImageNetResNet,
+}
+for _family, _cls in _IMAGENET_FAMILIES.items():
+    for _depth in IMAGENET_DEPTHS:
+        register_model(f"{_family}_resnet{_depth}", _cls, depth=_depth)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
@@ -81,11 +100,24 @@ def _constructor_params(cls: type[nn.Module]) -> dict[str, inspect.Parameter]:
     return {k: p for k, p in list(params.items())[1:] if p.kind in kinds}
 
 
+def _layer_fields(cls: type[nn.Module]) -> tuple[str, ...]:
+    """The fields of ``cls.layers_type`` (its layer settings, e.g. ``PoincareLayers``), which
+    the constructor also takes flat; ``()`` for a model without one."""
+    kind = getattr(cls, "layers_type", None)
+    return tuple(f.name for f in dataclasses.fields(kind)) if kind is not None else ()
+
+
+def _options(cls: type[nn.Module]) -> tuple[str, ...]:
+    """Every keyword ``cls`` takes: its constructor's arguments and its flat layer fields."""
+    return (*_constructor_params(cls), *_layer_fields(cls))
+
+
 def model_options(name: str) -> tuple[str, ...]:
     """The option names ``--model-kwargs`` accepts for model ``name`` (its constructor's
-    arguments, less ``num_classes`` and ``in_chans``, which come from the dataset)."""
+    arguments and layer settings, less ``num_classes`` and ``in_chans``, which come from the
+    dataset)."""
     base, _ = resolve_model_name(name)
-    return tuple(k for k in _constructor_params(_REGISTRY[base]) if k not in _DATA_ARGS)
+    return tuple(k for k in _options(_REGISTRY[base]) if k not in _DATA_ARGS)
 
 
 def check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
@@ -112,6 +144,8 @@ def _jsonable(value: Any) -> Any:
     """Tuples → lists, recursively (what ``json`` would store)."""
     if isinstance(value, tuple | list):
         return [_jsonable(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
     return value
 
 
@@ -128,9 +162,14 @@ def resolved_config(base: str, args: dict[str, Any]) -> dict[str, Any]:
     constructor's signature defaults, overridden by ``args`` (registry defaults + user kwargs),
     as JSON-able values. ``build_from_config(base, resolved_config(base, args))`` rebuilds the
     same network whatever the registry's defaults later become."""
-    params = _constructor_params(_REGISTRY[base])
+    cls = _REGISTRY[base]
+    params = _constructor_params(cls)
     config = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
     config.update(args)
+    fields = _layer_fields(cls)
+    if fields:  # the layer settings, flat and complete: one key per field, no ``layers``
+        flat = {k: config.pop(k) for k in fields if k in config}
+        config.update(dataclasses.asdict(as_layers(cls.layers_type, config.pop("layers"), flat)))
     return {k: _jsonable(v) for k, v in config.items()}
 
 
@@ -167,18 +206,20 @@ def build_from_config(name: str, config: dict[str, Any]) -> nn.Module:
         raise ValueError(f"model {name!r} is not a registered name; cannot rebuild it")
     if not isinstance(config, dict):
         raise ValueError(f"model config of {name} must be a dict, got {type(config).__name__}")
-    params = _constructor_params(_REGISTRY[name])
-    unknown = [k for k in config if k not in params]
+    cls = _REGISTRY[name]
+    valid = _options(cls)
+    unknown = [k for k in config if k not in valid]
     if unknown:
         raise ValueError(
             f"model config of {name} has argument(s) {', '.join(map(repr, unknown))} that "
-            f"{_REGISTRY[name].__name__} does not take (valid: {', '.join(params)})"
+            f"{cls.__name__} does not take (valid: {', '.join(valid)})"
         )
-    new = [k for k in params if k not in config]
+    given = {*config, *(config.get("layers") or {})}
+    new = [k for k in valid if k not in given and k != "layers"]
     if new:
         warnings.warn(
             f"model config of {name} lacks argument(s) {', '.join(new)} (added to "
-            f"{_REGISTRY[name].__name__} since); using their signature defaults",
+            f"{cls.__name__} since); using their defaults",
             stacklevel=2,
         )
     model = _build(name, dict(config))
