@@ -125,7 +125,7 @@ def bn_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`bn_out`: ``(∂L/∂v, ∂L/∂μ, ∂L/∂β, ∂L/∂r [1])``."""
     grad_v, grad_mu, grad_beta, grad_r = require_kernel("batchnorm").bn_backward(
-        v, mu, beta, grad.contiguous(), 0.0, _scalar(r, "r"), c, t_max, proj_eps, min_norm, None
+        v, mu, beta, grad.contiguous(), _scalar(r, "r"), c, t_max, proj_eps, min_norm
     )
     return grad_v, grad_mu, grad_beta, grad_r
 
