@@ -7,12 +7,13 @@ first (valgrind's CPU reports AVX2, so that is the build it runs), then count::
     ATEN_CPU_CAPABILITY=avx2 python -c "import poincare_resnet._cpp as m; m.build_all()"
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg_bn.out \
         python benchmarks/callgrind_bn.py --mode train
-    callgrind_annotate --inclusive=yes /tmp/cg_bn.out | grep -E ' bn_train_(forward|backward)\('
+    callgrind_annotate --inclusive=yes --threshold=100 /tmp/cg_bn.out \
+        | grep -E 'bn_train_(forward|backward)\('
 
 The measured section runs ``PoincareBatchNorm2d`` forward and backward ``ITERS`` times on a fixed
 ``[8, 16, 32, 32]`` float32 map: in train mode (batch statistics: the kernels
 ``bn_train_forward`` and ``bn_train_backward``) or, with ``--mode eval``, with running
-statistics (``bn_out`` and ``bn_backward``; grep ``' bn_(out|backward)\('``). The inclusive
+statistics (``bn_out`` and ``bn_backward``; grep ``'bn_(out|backward)\('``). The inclusive
 counts of those entry functions are the kernels' cost (their own reductions included).
 """
 

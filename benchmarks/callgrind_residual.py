@@ -7,7 +7,8 @@ first (valgrind's CPU reports AVX2, so that is the build it runs), then count::
     ATEN_CPU_CAPABILITY=avx2 python -c "import poincare_resnet._cpp as m; m.build_all()"
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg_res.out \
         python benchmarks/callgrind_residual.py
-    callgrind_annotate --inclusive=yes /tmp/cg_res.out | grep -E ' residual_(forward|backward)\('
+    callgrind_annotate --inclusive=yes --threshold=100 /tmp/cg_res.out \
+        | grep -E 'residual_(forward|backward)\('
 
 The measured section runs ``PoincareResidual`` (``f ⊕ res`` with a learnable SkipInit scale)
 forward and backward ``ITERS`` times on fixed ``[8, 16, 32, 32]`` float32 maps.
