@@ -207,21 +207,6 @@ inline void pixel_products(PixelProducts<V>& f, const typename V::value_type* vb
   f.g_m = A * f.g_d - B * f.g_mu;
 }
 
-// The per-pixel chain of the pixels [i, i + m) of a block: pixel_products, then pixel_output
-// (up to at, or with kOut on to the output coefficients).
-template <bool kDots, bool kOut, typename V>
-inline void pixel_chain(PixelProducts<V>& f, PixelOutput<V>& s2,
-                        const typename V::value_type* vb, const typename V::value_type* gb,
-                        int64_t P, int64_t C, int64_t i, int64_t m,
-                        const typename V::value_type* mu, const typename V::value_type* beta,
-                        const Consts<typename V::value_type>& k) {
-  pixel_products<kDots>(f, vb, gb, P, C, i, m, mu, beta, k);
-  s2.q = f.q;
-  s2.mm = f.mm;
-  s2.mb = f.mb;
-  pixel_output<kOut>(s2, k);
-}
-
 // m = A (ax v - mu) - B mu for one channel
 template <typename V>
 inline V form_m(const PixelCentre<V>& s, const V& x, const V& muc, V* d_out = nullptr) {
@@ -230,36 +215,30 @@ inline V form_m(const PixelCentre<V>& s, const V& x, const V& muc, V* d_out = nu
   return s.A * d - s.B * muc;
 }
 
-// body(task, v's block, pixels of the block) for every task of a [B, C, P] map, in parallel.
-template <typename T, typename Body>
-inline void for_each_block(const T* v, int64_t B, int64_t C, int64_t P, const Body& body) {
-  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
-  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const auto [b, p0, n] = pixel_block(task, nblk, kBlock, P);
-      body(task, b * C * P + p0, n);
-    }
-  });
-}
-
 // The per-task sums of at^2 = atanh(sqrt(c) |project((-mu) (+) x)|)^2 (the batch variance is
 // 4 / (c N) times their total).
 template <typename T>
 void var_impl(const T* v, const T* mu, T* part, int64_t B, int64_t C, int64_t P,
               const Consts<T>& k) {
   using V = Pack<T, kPackForward>;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   constexpr int64_t VS = V::size();
-  for_each_block(v, B, C, P, [&](int64_t task, int64_t offset, int64_t n) {
-    const T* vb = v + offset;
-    V acc(0);
-    for (int64_t i = 0; i < n; i += VS) {
-      const int64_t m = std::min<int64_t>(VS, n - i);
-      PixelProducts<V> f;
-      PixelOutput<V> s2;
-      pixel_chain<false, false>(f, s2, vb, nullptr, P, C, i, m, mu, nullptr, k);
-      acc = acc + sel(valid_lanes<V>(m), s2.at * s2.at);
+  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [b, p0, n] = pixel_block(task, nblk, kBlock, P);
+      const T* vb = v + b * C * P + p0;
+      V acc(0);
+      for (int64_t i = 0; i < n; i += VS) {
+        const int64_t m = std::min<int64_t>(VS, n - i);
+        PixelProducts<V> f;
+        pixel_products<false>(f, vb, nullptr, P, C, i, m, mu, nullptr, k);
+        PixelOutput<V> s2;
+        s2.q = f.q;
+        pixel_output<false>(s2, k);
+        acc = acc + sel(valid_lanes<V>(m), s2.at * s2.at);
+      }
+      part[task] = hsum(acc);
     }
-    part[task] = hsum(acc);
   });
 }
 
@@ -268,20 +247,28 @@ template <typename T>
 void out_impl(const T* v, const T* mu, const T* beta, T* out, int64_t B, int64_t C, int64_t P,
               const Consts<T>& k) {
   using V = Pack<T, kPackForward>;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   constexpr int64_t VS = V::size();
-  for_each_block(v, B, C, P, [&](int64_t, int64_t offset, int64_t n) {
-    const T* vb = v + offset;
-    T* ob = out + offset;
-    for (int64_t i = 0; i < n; i += VS) {
-      const int64_t m = std::min<int64_t>(VS, n - i);
-      PixelProducts<V> f;
-      PixelOutput<V> s2;
-      pixel_chain<false, true>(f, s2, vb, nullptr, P, C, i, m, mu, beta, k);
-      const V k_mu = s2.lg * s2.o_mu, k_b = s2.lg * s2.o_b, k_w = s2.lg * s2.o_w;
-      for (int64_t ch = 0; ch < C; ++ch) {
-        const V muc(mu[ch]);
-        const V mv = form_m(f.s, ld<V>(vb + ch * P + i, m), muc);
-        st(k_mu * muc + k_b * V(beta[ch]) + k_w * mv, ob + ch * P + i, m);
+  at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const auto [b, p0, n] = pixel_block(task, nblk, kBlock, P);
+      const T* vb = v + b * C * P + p0;
+      T* ob = out + b * C * P + p0;
+      for (int64_t i = 0; i < n; i += VS) {
+        const int64_t m = std::min<int64_t>(VS, n - i);
+        PixelProducts<V> f;
+        pixel_products<false>(f, vb, nullptr, P, C, i, m, mu, beta, k);
+        PixelOutput<V> s2;
+        s2.q = f.q;
+        s2.mm = f.mm;
+        s2.mb = f.mb;
+        pixel_output<true>(s2, k);
+        const V k_mu = s2.lg * s2.o_mu, k_b = s2.lg * s2.o_b, k_w = s2.lg * s2.o_w;
+        for (int64_t ch = 0; ch < C; ++ch) {
+          const V muc(mu[ch]);
+          const V mv = form_m(f.s, ld<V>(vb + ch * P + i, m), muc);
+          st(k_mu * muc + k_b * V(beta[ch]) + k_w * mv, ob + ch * P + i, m);
+        }
       }
     }
   });
@@ -325,9 +312,13 @@ void backward_impl(const T* v, const T* mu, const T* beta, const T* grad, T* gra
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t m = std::min<int64_t>(VS, n - i);
         PixelProducts<V> f;
-        PixelOutput<V> s2;
-        pixel_chain<true, true>(f, s2, vb, gb, P, C, i, m, mu, beta, k);
+        pixel_products<true>(f, vb, gb, P, C, i, m, mu, beta, k);
         const PixelCentre<V>& s1 = f.s;
+        PixelOutput<V> s2;
+        s2.q = f.q;
+        s2.mm = f.mm;
+        s2.mb = f.mb;
+        pixel_output<true>(s2, k);
         // the output's adjoint seeds k_mu, k_b, k_w (<g, mu>, <g, beta>, <g, m>), none on at
         V g_q, g_mm, g_mb;
         pixel_output_backward<true>(s2, k, f.g_mu, f.g_b, f.g_m, V(0), &g_q, &g_mm, &g_mb, glob);
