@@ -8,7 +8,7 @@ Timings are not comparable on a loaded machine; instruction counts are. Run::
     callgrind_annotate /tmp/cg.out | head -20
 
 The kernel is built first; the measured section calls the public
-``ball.fc_tangent`` forward and backward on a fixed ``[8, 16, 32, 32]`` float32 map. Valgrind
+``nn.fc_map.fc_tangent`` (the native kernel) forward and backward on a fixed ``[8, 16, 32, 32]`` float32 map. Valgrind
 does not run AVX-512 (its CPU reports AVX2), so this counts the AVX2 build of the kernels.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from poincare_resnet import _cpp, ball
+from poincare_resnet import _cpp
+from poincare_resnet.nn.fc_map import fc_tangent
 
 ITERS = 3
 
@@ -30,7 +31,7 @@ def main() -> None:
     bias = (0.1 * torch.randn(16)).requires_grad_()
     grad = torch.randn(8, 16, 32, 32)
     for _ in range(ITERS):
-        out = ball.fc_tangent(dots, sq, znorm, bias, c=0.1, dim=1)
+        out = fc_tangent(dots, sq, znorm, bias, c=0.1, dim=1)
         out.backward(grad)
     print(float(out.detach().sum()), float(dots.grad.sum()))
 

@@ -90,7 +90,7 @@ def bn_backward(
     """Backward of :func:`bn_out`: ``(∂L/∂v, ∂L/∂μ, ∂L/∂β, ∂L/∂r [1])``."""
     c, t_max, proj_eps, min_norm = scalars
     grad_v, grad_mu, grad_beta, grad_r = require_kernel("batchnorm").bn_backward(
-        v, mu, beta, grad.contiguous(), 0.0, scalar_arg(r, "r"), c, t_max, proj_eps, min_norm, None
+        v, mu, beta, grad.contiguous(), scalar_arg(r, "r"), c, t_max, proj_eps, min_norm
     )
     return grad_v, grad_mu, grad_beta, grad_r
 

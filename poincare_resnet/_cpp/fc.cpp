@@ -12,6 +12,7 @@
 
 #include "checks.h"
 #include "fastmath.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <vector>
@@ -19,6 +20,9 @@
 using at::vec::Vectorized;
 namespace fm = poincare_fastmath;
 namespace ck = poincare_checks;
+using poincare_simd::hsum;
+using poincare_simd::ld;
+using poincare_simd::st;
 
 namespace {
 
@@ -33,29 +37,6 @@ struct Params {
   T small_p;    // series threshold for kappa
   T min_norm;
 };
-
-template <typename V, typename T>
-inline V ld(const T* p, int64_t m) {
-  return m == V::size() ? V::loadu(p) : V::loadu(p, m);
-}
-
-template <typename V, typename T>
-inline void st(const V& v, T* p, int64_t m) {
-  if (m == V::size()) {
-    v.store(p);
-  } else {
-    v.store(p, m);
-  }
-}
-
-template <typename T>
-inline T hsum(const Vectorized<T>& v) {
-  T buf[Vectorized<T>::size()];
-  v.store(buf);
-  T s = 0;
-  for (int64_t i = 0; i < Vectorized<T>::size(); ++i) s += buf[i];
-  return s;
-}
 
 // kappa (and kappa' |psi| when wanted) from |psi|^2, vectorised over pixels.
 template <typename T>
@@ -113,25 +94,36 @@ inline void input_terms(const Vectorized<T>& sq, const Params<T>& prm, Vectorize
   }
 }
 
+// input_terms of the n pixels of a block from sq into a, e (and, with kGrad, da, de).
+template <bool kGrad, typename T>
+inline void block_input_terms(const T* sq, int64_t n, const Params<T>& prm, T* a, T* e, T* da,
+                              T* de) {
+  using V = Vectorized<T>;
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t m = std::min<int64_t>(V::size(), n - i);
+    V av, ev, dav, dev;
+    input_terms<T>(ld<V>(sq + i, m), prm, &av, &ev, kGrad ? &dav : nullptr,
+                   kGrad ? &dev : nullptr);
+    st(av, a + i, m);
+    st(ev, e + i, m);
+    if constexpr (kGrad) {
+      st(dav, da + i, m);
+      st(dev, de + i, m);
+    }
+  }
+}
+
 template <typename T>
 void forward_impl(const T* dots, const T* SQ, const T* ch, const T* sh, const T* zn2, T* out,
                   int64_t B, int64_t C, int64_t P, Params<T> prm) {
   using V = Vectorized<T>;
-  const int64_t nblk = (P + kBlock - 1) / kBlock;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
     T p2buf[kBlock], kbuf[kBlock], a[kBlock], e[kBlock];
     const V lim(prm.arg_limit), nlim(-prm.arg_limit);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
-      const int64_t n = std::min(kBlock, P - p0);
-      const T* sq = SQ + b * P + p0;
-      for (int64_t i = 0; i < n; i += V::size()) {
-        const int64_t m = std::min<int64_t>(V::size(), n - i);
-        V av, ev;
-        input_terms<T>(ld<V>(sq + i, m), prm, &av, &ev, nullptr, nullptr);
-        st(av, a + i, m);
-        st(ev, e + i, m);
-      }
+      const auto [b, p0, n] = poincare_simd::pixel_block(task, nblk, kBlock, P);
+      block_input_terms<false, T>(SQ + b * P + p0, n, prm, a, e, nullptr, nullptr);
       std::fill(p2buf, p2buf + n, T(0));
       for (int64_t c = 0; c < C; ++c) {
         const T* d = dots + (b * C + c) * P + p0;
@@ -168,25 +160,15 @@ void backward_impl(const T* grad, const T* dots, const T* SQ, const T* ch, const
                    const T* zn2, T* grad_dots, T* grad_sq, T* chan, int64_t B, int64_t C,
                    int64_t P, Params<T> prm) {
   using V = Vectorized<T>;
-  const int64_t nblk = (P + kBlock - 1) / kBlock;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(3 * C * kBlock);
     T p2buf[kBlock], gpbuf[kBlock], kbuf[kBlock], cbuf[kBlock], gabuf[kBlock], gebuf[kBlock];
     T a[kBlock], e[kBlock], da[kBlock], de[kBlock];
     const V lim(prm.arg_limit), nlim(-prm.arg_limit), one(1), zero(0);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
-      const int64_t n = std::min(kBlock, P - p0);
-      const T* sq = SQ + b * P + p0;
-      for (int64_t i = 0; i < n; i += V::size()) {
-        const int64_t m = std::min<int64_t>(V::size(), n - i);
-        V av, ev, dav, dev;
-        input_terms<T>(ld<V>(sq + i, m), prm, &av, &ev, &dav, &dev);
-        st(av, a + i, m);
-        st(ev, e + i, m);
-        st(dav, da + i, m);
-        st(dev, de + i, m);
-      }
+      const auto [b, p0, n] = poincare_simd::pixel_block(task, nblk, kBlock, P);
+      block_input_terms<true, T>(SQ + b * P + p0, n, prm, a, e, da, de);
       T* psis = scratch.data();
       T* hs = psis + C * kBlock;
       T* roots = hs + C * kBlock;
@@ -309,7 +291,7 @@ std::vector<torch::Tensor> fc_backward(torch::Tensor grad, torch::Tensor dots, t
   ck::check_tensor("fc_backward", "grad", grad, dots.scalar_type(), "the dtype of dots");
   ck::check_sizes("fc_backward", "grad", grad, dots.sizes(), "the shape of dots");
   const int64_t B = dots.size(0), C = dots.size(1), P = dots.size(2);
-  const int64_t nblk = (P + kBlock - 1) / kBlock;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   auto grad_dots = need_dots ? torch::empty_like(dots) : torch::Tensor();
   auto grad_sq = torch::empty_like(sq);
   auto chan = torch::empty({B * nblk, 3, C}, dots.options());

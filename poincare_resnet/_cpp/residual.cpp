@@ -17,12 +17,16 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "checks.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <numeric>
 #include <vector>
 
 using at::vec::Vectorized;
+using poincare_simd::ld;
+using poincare_simd::sel;
+using poincare_simd::st;
 
 namespace {
 
@@ -39,25 +43,6 @@ Params<T> make_params(double a, double c, double proj_eps, double t_max, bool f_
   const double mn = 1e-15;  // MIN_NORM of poincare_resnet.ball.config
   return Params<T>{T(c),     T(std::sqrt(c)),  T(2 * c), T(c * c),   T(1 / c), T(c / 2),
                    T(t_max), T(1 - proj_eps), T(mn),    T(mn * mn), T(a),     f_first};
-}
-
-template <typename V, typename T>
-inline V ld(const T* p, int64_t m) {
-  return m == V::size() ? V::loadu(p) : V::loadu(p, m);
-}
-
-template <typename V, typename T>
-inline void st(const V& v, T* p, int64_t m) {
-  if (m == V::size()) {
-    v.store(p);
-  } else {
-    v.store(p, m);
-  }
-}
-
-template <typename V>
-inline V sel(const V& mask, const V& if_true, const V& if_false) {
-  return V::blendv(if_false, if_true, mask);
 }
 
 // tanh(u) for u >= 0: (1 − e^{−2u}) / (1 + e^{−2u}) (one exp, much cheaper than SLEEF's tanh),
@@ -186,6 +171,25 @@ struct Chunk {
   }
 };
 
+// The backward's passes over a chunk: for each channel ch and each vector u of pixels, body(u,
+// off, f, r, g, o) with the values at offset off = ch P + u (vector size) and the ball point
+// o = K f + cr r (formed again from f and r: cheaper than storing it).
+template <typename T, int U, typename Body>
+inline void for_each_point(const T* f, const T* r, const T* g, int64_t C, int64_t P,
+                           const Chunk<T, U>& ck, const Vectorized<T>* kv,
+                           const Vectorized<T>* crv, Body&& body) {
+  using V = Vectorized<T>;
+  for (int64_t ch = 0; ch < C; ++ch) {
+    for (int u = 0; u < U; ++u) {
+      const int64_t off = ch * P + u * V::size();
+      V fv = ld<V>(f + off, ck.m[u]), rv = ld<V>(r + off, ck.m[u]);
+      V gv = ld<V>(g + off, ck.m[u]);
+      V ov = crv[u] * rv + kv[u] * fv;
+      body(u, off, fv, rv, gv, ov);
+    }
+  }
+}
+
 // Channel sums ‖f‖², ‖r‖², ⟨f, r⟩ of a block of n pixels into sff/srr/sfr, eight vectors of
 // pixels at a time (long contiguous runs per channel row); optionally prefetches g's rows.
 template <typename T>
@@ -226,12 +230,11 @@ void forward_impl(const T* F, const T* R, T* out, int64_t B, int64_t C, int64_t 
   using V = Vectorized<T>;
   constexpr int U = 4;
   constexpr int64_t W = U * V::size();
-  const int64_t nblk = (P + kBlock - 1) / kBlock;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
     T sffb[kBlock], srrb[kBlock], sfrb[kBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
-      const int64_t n = std::min(kBlock, P - p0);
+      const auto [b, p0, n] = poincare_simd::pixel_block(task, nblk, kBlock, P);
       block_sums<T>(F + b * C * P + p0, R + b * C * P + p0, nullptr, C, P, n, sffb, srrb, sfrb);
       for (int64_t i0 = 0; i0 < n; i0 += W) {
         const Chunk<T, U> ck(i0, n);
@@ -276,14 +279,13 @@ void backward_impl(const T* G, const T* F, const T* R, T* grad_f, T* grad_r, dou
   using V = Vectorized<T>;
   constexpr int U = 2;
   constexpr int64_t W = U * V::size();
-  const int64_t nblk = (P + kBlock - 1) / kBlock;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
     const V zero(0), two(2), a(prm.a), c(prm.c), two_c(prm.two_c), c2(prm.c2);
     const V inv_c(prm.inv_c);
     T sffb[kBlock], srrb[kBlock], sfrb[kBlock];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / nblk, p0 = (task % nblk) * kBlock;
-      const int64_t n = std::min(kBlock, P - p0);
+      const auto [b, p0, n] = poincare_simd::pixel_block(task, nblk, kBlock, P);
       V acc_a(0);
       const int64_t blk = b * C * P + p0;
       block_sums<T>(F + blk, R + blk, G + blk, C, P, n, sffb, srrb, sfrb);
@@ -310,20 +312,15 @@ void backward_impl(const T* G, const T* F, const T* R, T* grad_f, T* grad_r, dou
         // o (explicitly), ‖o‖², ⟨g, o⟩, ⟨o, f⟩, ⟨o, r⟩, ⟨g, f⟩, ⟨g, r⟩
         V o2[U], go[U], of[U], orr[U], gf[U], gr[U];
         for (int u = 0; u < U; ++u) o2[u] = go[u] = of[u] = orr[u] = gf[u] = gr[u] = zero;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          for (int u = 0; u < U; ++u) {
-            const int64_t off = ch * P + u * V::size();
-            V fv = ld<V>(f + off, ck.m[u]), rv = ld<V>(r + off, ck.m[u]);
-            V gv = ld<V>(g + off, ck.m[u]);
-            V ov = crv[u] * rv + kv[u] * fv;
-            o2[u] = at::vec::fmadd(ov, ov, o2[u]);
-            go[u] = at::vec::fmadd(gv, ov, go[u]);
-            of[u] = at::vec::fmadd(ov, fv, of[u]);
-            orr[u] = at::vec::fmadd(ov, rv, orr[u]);
-            gf[u] = at::vec::fmadd(gv, fv, gf[u]);
-            gr[u] = at::vec::fmadd(gv, rv, gr[u]);
-          }
-        }
+        for_each_point<T>(f, r, g, C, P, ck, kv, crv,
+                          [&](int u, int64_t, const V& fv, const V& rv, const V& gv, const V& ov) {
+                            o2[u] = at::vec::fmadd(ov, ov, o2[u]);
+                            go[u] = at::vec::fmadd(gv, ov, go[u]);
+                            of[u] = at::vec::fmadd(ov, fv, of[u]);
+                            orr[u] = at::vec::fmadd(ov, rv, orr[u]);
+                            gf[u] = at::vec::fmadd(gv, fv, gf[u]);
+                            gr[u] = at::vec::fmadd(gv, rv, gr[u]);
+                          });
         // per-pixel adjoint of the scalar chain, in reverse
         V lgv[U], two_pv[U], d_sff2[U], d_srr2[U], d_sfrv[U];
         for (int u = 0; u < U; ++u) {
@@ -381,17 +378,13 @@ void backward_impl(const T* G, const T* F, const T* R, T* grad_f, T* grad_r, dou
         // grad_f = K dL/do + 2 dSff f + dSfr r,  grad_r = cr dL/do + 2 dSrr r + dSfr f
         T* gfo = grad_f + base;
         T* gro = grad_r + base;
-        for (int64_t ch = 0; ch < C; ++ch) {
-          for (int u = 0; u < U; ++u) {
-            const int64_t off = ch * P + u * V::size();
-            V fv = ld<V>(f + off, ck.m[u]), rv = ld<V>(r + off, ck.m[u]);
-            V gv = ld<V>(g + off, ck.m[u]);
-            V ov = crv[u] * rv + kv[u] * fv;
-            V d_o = lgv[u] * gv + two_pv[u] * ov;
-            st(kv[u] * d_o + d_sff2[u] * fv + d_sfrv[u] * rv, gfo + off, ck.m[u]);
-            st(crv[u] * d_o + d_srr2[u] * rv + d_sfrv[u] * fv, gro + off, ck.m[u]);
-          }
-        }
+        for_each_point<T>(f, r, g, C, P, ck, kv, crv,
+                          [&](int u, int64_t off, const V& fv, const V& rv, const V& gv,
+                              const V& ov) {
+                            V d_o = lgv[u] * gv + two_pv[u] * ov;
+                            st(kv[u] * d_o + d_sff2[u] * fv + d_sfrv[u] * rv, gfo + off, ck.m[u]);
+                            st(crv[u] * d_o + d_srr2[u] * rv + d_sfrv[u] * fv, gro + off, ck.m[u]);
+                          });
       }
       T lanes[V::size()];
       acc_a.store(lanes);
@@ -430,7 +423,7 @@ std::vector<torch::Tensor> residual_backward(torch::Tensor grad, torch::Tensor f
   ck::check_tensor("residual_backward", "grad", grad, f.scalar_type(), "the dtype of f");
   ck::check_sizes("residual_backward", "grad", grad, f.sizes(), "the shape of f");
   const int64_t B = f.size(0), C = f.size(1), P = f.size(2);
-  const int64_t nblk = (P + kBlock - 1) / kBlock;
+  const int64_t nblk = poincare_simd::blocks_per_image(P, kBlock);
   auto grad_f = torch::empty_like(f);
   auto grad_r = torch::empty_like(res);
   auto grad_a = torch::empty({B * nblk}, f.options().dtype(torch::kFloat64));
