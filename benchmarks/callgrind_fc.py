@@ -8,7 +8,8 @@ Timings are not comparable on a loaded machine; instruction counts are. Run::
     callgrind_annotate /tmp/cg.out | head -20
 
 The kernel is built first; the measured section calls ``nn.fc_map.fc_tangent`` (the native
-kernel) forward and backward on a fixed ``[8, 16, 32, 32]`` float32 map. Valgrind does not run AVX-512 (its CPU reports AVX2), so this counts the AVX2 build of the kernels.
+kernel) forward and backward on a fixed ``[8, 16, 32, 32]`` float32 map. Valgrind does not run
+AVX-512 (its CPU reports AVX2), so this counts the AVX2 build of the kernels.
 """
 
 from __future__ import annotations
