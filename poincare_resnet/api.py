@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .data import load_dataset
+from .data import load_dataset, trained_image_size
 from .models.registry import build_from_config, create_model
 from .training.checkpoint import (
     CheckpointError,
@@ -191,7 +191,7 @@ def evaluate_checkpoint(
     name = dataset or meta.get("dataset")
     if name is None:
         raise ValueError("the checkpoint names no dataset; pass --dataset")
-    data = load_dataset(name, data_dir)
+    data = load_dataset(name, data_dir, image_size=trained_image_size(name, meta))
     if data.in_chans != model.in_chans:
         raise ValueError(
             f"dataset {name} has {data.in_chans} channels but the model expects {model.in_chans}"

@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from poincare_resnet import _cpp, cli
-from poincare_resnet.data import DatasetError, DiskLoader, ImageSet, ImageSpec, load_dataset
+from poincare_resnet.data import (
+    DatasetError,
+    DiskLoader,
+    ImageSet,
+    ImageSpec,
+    load_dataset,
+    trained_image_size,
+)
 from poincare_resnet.data import disk_loader as dl
 from poincare_resnet.data.images import crop_box, eval_transform, sample_generator
 from poincare_resnet.training.checkpoint import load_checkpoint
@@ -326,10 +333,36 @@ def _cfg(tiny: Path, out: Path, **kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny, tmp_path_factory) -> dict[str, torch.Tensor]:
+def reference_dir(tiny, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("disk_ref") / "ref"
     train(_cfg(tiny, run), log=lambda _m: None)
-    return load_checkpoint(run / "last.safetensors").model_state
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(reference_dir / "last.safetensors").model_state
+
+
+def test_evaluation_reads_the_images_at_the_size_the_model_was_trained_at(
+    tiny, reference_dir, monkeypatch
+):
+    import poincare_resnet.api as api
+
+    sizes = []
+
+    def spy(*args, **kwargs):
+        sizes.append(kwargs.get("image_size"))
+        return load_dataset(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load_dataset", spy)
+    result = api.evaluate_checkpoint(reference_dir / "best.safetensors", data_dir=str(tiny))
+    assert sizes == [SIZE] and SIZE != 64  # 64: tiny-imagenet's default size
+    assert result["n"] == 4 * 3  # the val images (the test split), decoded at SIZE
+    meta = {"dataset": "tiny-imagenet", "image_size": [SIZE, SIZE]}
+    assert trained_image_size("tiny-imagenet", meta) == SIZE
+    assert trained_image_size("imagenet", meta) is None  # another dataset: its default
+    assert trained_image_size("digits", {"dataset": "digits", "image_size": [8, 8]}) is None
 
 
 def _assert_same_weights(a: dict, b: dict) -> None:

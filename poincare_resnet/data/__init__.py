@@ -9,6 +9,7 @@ from .datasets import (
     DatasetSplits,
     load_dataset,
     load_images_dir,
+    trained_image_size,
 )
 from .disk_loader import DiskLoader, make_loader
 from .images import ImageSet, ImageSpec
@@ -27,4 +28,5 @@ __all__ = [
     "load_dataset",
     "load_images_dir",
     "make_loader",
+    "trained_image_size",
 ]

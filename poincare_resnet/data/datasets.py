@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - numpy 1.x
     from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
 __all__ = [
+    "trained_image_size",
     "DATASETS",
     "DISK_DATASETS",
     "DatasetError",
@@ -553,3 +554,26 @@ def load_images_dir(path: str | Path, size: int | tuple[int, int], in_chans: int
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise DatasetError(f"{f}: cannot read image ({e})") from e
     return _uint8_to_tensor(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+
+
+def trained_image_size(name: str, meta: dict) -> int | None:
+    """The image size a checkpoint's model was trained at, for re-reading ``name`` from disk.
+
+    Parameters
+    ----------
+    name : str
+        The dataset to evaluate on.
+    meta : dict
+        The checkpoint's metadata (``dataset``, ``image_size`` as ``[H, W]``).
+
+    Returns
+    -------
+    int or None
+        ``H`` when ``name`` is an on-disk dataset (one of :data:`DISK_DATASETS`) and the one the
+        model was trained on, so that evaluation decodes the images at the training size rather
+        than the dataset's default; ``None`` (the default size) otherwise.
+    """
+    size = meta.get("image_size")
+    if name not in DISK_DATASETS or name != meta.get("dataset") or not size:
+        return None
+    return int(size[0])

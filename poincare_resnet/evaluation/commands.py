@@ -89,13 +89,13 @@ def load_checkpoint_data(
         ``(model, meta, DatasetSplits)``.
     """
     from ..api import load_model
-    from ..data import load_dataset
+    from ..data import load_dataset, trained_image_size
 
     model, meta = load_model(checkpoint, device)
     name = dataset or meta.get("dataset")
     if not name:
         raise ValueError(f"{checkpoint}: the checkpoint names no dataset; pass one explicitly")
-    data = load_dataset(name, data_dir)
+    data = load_dataset(name, data_dir, image_size=trained_image_size(name, meta))
     expect = getattr(model, "in_chans", data.in_chans)
     if data.in_chans != expect:
         raise ValueError(f"dataset {name} has {data.in_chans} channels, the model expects {expect}")
