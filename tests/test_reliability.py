@@ -461,16 +461,19 @@ def test_remove_run_files_deletes_only_known_files_and_keeps_the_directory(tmp_p
 
 
 def test_run_config_and_checkpoints_carry_the_resolved_model_config(reference):
+    import dataclasses
     import inspect
 
-    from poincare_resnet.models.resnet import PoincareResNet
+    from poincare_resnet.models.resnet import PoincareLayers, PoincareResNet
 
     run = reference["run"]
     config = json.loads((run / "config.json").read_text())
     assert config["tool"] == "poincare-resnet" and config["format_version"] == 2
-    params = list(inspect.signature(PoincareResNet.__init__).parameters)[1:]
+    named = list(inspect.signature(PoincareResNet.__init__).parameters)[1:]
+    assert named[-2:] == ["layers", "options"]  # the layer settings: a dataclass or flat options
+    params = named[:-2] + [f.name for f in dataclasses.fields(PoincareLayers)]
     resolved = config["model_config"]
-    assert list(resolved) == params  # every constructor argument, in order
+    assert list(resolved) == params  # every constructor argument and layer setting, in order
     assert resolved["depth"] == 20 and resolved["c"] == 0.1 and resolved["in_chans"] == 1
     for name in ("best.safetensors", "last.safetensors"):
         meta = load_checkpoint(run / name).meta

@@ -78,7 +78,8 @@ def check_widths(widths: Sequence[int], stages: int = 3) -> tuple[int, ...]:
     """``widths`` as a tuple of ``stages`` positive ints; raises ``ValueError`` otherwise."""
     widths = tuple(int(w) for w in widths)
     if len(widths) != stages or min(widths) < 1:
-        raise ValueError(f"widths must be {stages} positive channel counts, got {widths!r}")
+        count = {3: "three", 4: "four"}.get(stages, str(stages))
+        raise ValueError(f"widths must be {count} positive channel counts, got {widths!r}")
     return widths
 
 
