@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli_helpers import one_epoch_digits
 
 from poincare_resnet import create_model
 
@@ -138,17 +139,7 @@ def test_cuda_bf16_autocast_trains_without_nan():
 def _cuda_cfg(out, **overrides):
     from poincare_resnet.training.trainer import TrainConfig
 
-    base = dict(
-        dataset="digits",
-        limit_train=128,
-        batch_size=32,
-        epochs=1,
-        progress=False,
-        log_every=1000,
-        device="cuda",
-        model_kwargs={"depth": 8},
-        out=str(out),
-    )
+    base = one_epoch_digits(limit_train=128, log_every=1000, device="cuda", out=str(out))
     return TrainConfig(**{**base, **overrides})
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli_helpers import one_epoch_digits
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -83,15 +84,7 @@ def test_hyperbolic_kernels_are_upcast_under_autocast():
 # ------------------------------------------------------------------ fp16 with a GradScaler
 
 # 64 digits, batch 32: 2 steps per epoch; depth 8 (one block per stage)
-TINY = dict(
-    dataset="digits",
-    limit_train=64,
-    batch_size=32,
-    epochs=1,
-    progress=False,
-    log_every=1,
-    model_kwargs={"depth": 8},
-)
+TINY = one_epoch_digits(limit_train=64, log_every=1)
 TIMING_KEYS = ("epoch_time_s", "images_per_s")
 
 
