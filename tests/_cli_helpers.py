@@ -12,6 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -76,3 +79,25 @@ def one_epoch_digits(**overrides: Any) -> dict[str, Any]:
     digits in batches of 32 through a depth-8 ResNet, updated with ``overrides``."""
     base = dict(dataset="digits", batch_size=32, epochs=1, progress=False)
     return {**base, "model_kwargs": {"depth": 8}, **overrides}
+
+
+def autocast_adam_steps(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    device_type: str,
+    dtype: torch.dtype = torch.bfloat16,
+) -> list[torch.Tensor]:
+    """``steps`` Adam (lr 1e-3) steps of ``model`` on one batch under ``torch.autocast``; the
+    (detached, float32) cross-entropy losses."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast(device_type, dtype=dtype):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return losses
