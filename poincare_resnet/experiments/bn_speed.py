@@ -30,7 +30,7 @@ from .common import (
     median_time,
     new_figure,
     pick,
-    run_probe,
+    probe,
     save_figure,
     torch_threads,
     train_or_none,
@@ -224,18 +224,9 @@ def _speed_row(
     row["speedup"] = row["frechet_ms"] / row["midpoint_ms"]
     if memory:
         for mean in MEANS:
-            spec = {
-                "kind": "bn",
-                "mean": mean,
-                "batch": b,
-                "channels": w,
-                "size": size,
-                "c": c,
-                "seed": seed,
-                "device": device,
-                "threads": threads or torch.get_num_threads(),
-            }
-            res = run_probe(spec, timeout)
+            res = probe(
+                "bn", seed, device, threads, timeout, mean=mean, batch=b, channels=w, size=size, c=c
+            )
             row[f"{mean}_peak_mib"] = res["peak_mib"]
         row["memory_ratio"] = row["frechet_peak_mib"] / max(row["midpoint_peak_mib"], 1e-9)
         row["memory_method"] = res["method"]

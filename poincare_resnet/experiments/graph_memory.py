@@ -28,10 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..evaluation.tables import write_table_atomic as write_table
-from .common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
+from .common import Log, as_tuple, new_figure, pick, probe, save_figure, write_json
 
 SLUG = "graph_memory"
 MODES = (("manual", True), ("autograd", False))
@@ -80,20 +78,20 @@ def run(
     for depth in depths:
         by_mode: dict[str, dict[str, Any]] = {}
         for mode, manual in MODES:
-            spec = {
-                "kind": "resnet_step",
-                "depth": depth,
-                "batch": batch_size,
-                "size": size,
-                "in_chans": in_chans,
-                "widths": list(widths),
-                "manual": manual,
-                "repeats": repeats,
-                "seed": seed,
-                "device": device,
-                "threads": threads or torch.get_num_threads(),
-            }
-            res = run_probe(spec, timeout)
+            res = probe(
+                "resnet_step",
+                seed,
+                device,
+                threads,
+                timeout,
+                depth=depth,
+                batch=batch_size,
+                size=size,
+                in_chans=in_chans,
+                widths=list(widths),
+                manual=manual,
+                repeats=repeats,
+            )
             by_mode[mode] = {
                 "depth": depth,
                 "backward": mode,
