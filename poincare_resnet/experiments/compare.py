@@ -124,16 +124,23 @@ def run(
             all_attack_rows += att
     title = f"Robust accuracy on {dataset} ({n_att} test images)"
     _write_tables(out, rows, all_ood_rows, all_attack_rows, title)
+    _write_summary(out, rows, recipe, optimizer)
+    return rows
+
+
+def _write_summary(
+    out: Path, rows: list[dict[str, Any]], recipe: TrainRecipe, optimizer: str
+) -> None:
+    """``compare_summary.json``: the training recipe and the model rows."""
     recipe_facts = {
-        "dataset": dataset,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
+        "dataset": recipe.dataset,
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
         "optimizer": optimizer,
-        "limit_train": limit_train,
+        "limit_train": recipe.limit_train,
     }
     write_json(out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows})
-    return rows
 
 
 @dataclass(frozen=True)
