@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli_helpers import autocast_adam_steps, one_epoch_digits
 
 from poincare_resnet import create_model
 
@@ -120,15 +121,9 @@ def test_cuda_forward_backward_matches_cpu():
 def test_cuda_bf16_autocast_trains_without_nan():
     torch.manual_seed(0)
     model = create_model("poincare_resnet20", num_classes=10, in_chans=3, depth=8).cuda()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = torch.rand(16, 3, 16, 16, device="cuda") * 2 - 1
     y = torch.randint(0, 10, (16,), device="cuda")
-    for _ in range(20):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for loss in autocast_adam_steps(model, x, y, 20, "cuda"):
         assert torch.isfinite(loss)
 
 
@@ -138,17 +133,7 @@ def test_cuda_bf16_autocast_trains_without_nan():
 def _cuda_cfg(out, **overrides):
     from poincare_resnet.training.trainer import TrainConfig
 
-    base = dict(
-        dataset="digits",
-        limit_train=128,
-        batch_size=32,
-        epochs=1,
-        progress=False,
-        log_every=1000,
-        device="cuda",
-        model_kwargs={"depth": 8},
-        out=str(out),
-    )
+    base = one_epoch_digits(limit_train=128, log_every=1000, device="cuda", out=str(out))
     return TrainConfig(**{**base, **overrides})
 
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import ckpt_steps, launch_train, sigkill_when
 from PIL import Image
 
 from poincare_resnet import _cpp, cli
@@ -28,7 +25,6 @@ from poincare_resnet.data.images import crop_box, eval_transform, sample_generat
 from poincare_resnet.training.checkpoint import load_checkpoint
 from poincare_resnet.training.trainer import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[1]
 WNIDS = ["n03", "n01", "n02", "n00"]  # wnids.txt order; the labels follow the sorted order
 SIZE = 16
 
@@ -387,44 +383,19 @@ def test_interrupted_mid_epoch_run_resumes_to_the_same_weights(tiny, reference_r
     assert _snapshot(tiny) == before
 
 
-def _launch(args: list[str]) -> subprocess.Popen:
-    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "poincare_resnet", "train", *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _ckpt_steps(run: Path) -> list[int]:
-    d = run / "checkpoints"
-    names = [p.name for p in d.glob("ckpt-*.safetensors")] if d.is_dir() else []
-    return sorted(int(n[5:-12]) for n in names)
-
-
 @pytest.mark.slow  # 2 interpreter starts: 44 s here; the in-process resume test covers it fast
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigkill_mid_epoch_then_resume_reproduces_the_run(tiny, reference_run, tmp_path, workers):
     """Killed (SIGKILL) mid-epoch 1 of 2, resumed with ``--resume``: the same final weights."""
     run = tmp_path / "killed"
     common = [*TINY_RUN, "--data-dir", str(tiny), "--workers", str(workers)]
-    proc = _launch([*common, "--out", str(run), "--ckpt-every-steps", "1"])
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(s >= 2 for s in _ckpt_steps(run)):  # mid-epoch 1 (4 steps per epoch)
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = launch_train([*common, "--out", str(run), "--ckpt-every-steps", "1"])
+    # mid-epoch 1 (4 steps per epoch)
+    sigkill_when(proc, lambda: any(s >= 2 for s in ckpt_steps(run)), timeout=300, poll=0.005)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    steps = _ckpt_steps(run)
+    steps = ckpt_steps(run)
     assert steps and max(steps) % 4 != 0, steps  # the resume point is inside an epoch
-    proc = _launch([*common, "--resume", str(run)])
+    proc = launch_train([*common, "--resume", str(run)])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "resumed" in out and '"test_top1"' in out

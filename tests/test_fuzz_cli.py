@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import one_epoch_digits
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -98,14 +99,12 @@ def prepared(tmp_path_factory) -> Path:
     """One tiny trained run (1 epoch, 32 images, depth 8, widths 2-2-2) and a sandbox root."""
     root = tmp_path_factory.mktemp("fuzz")
     cfg = TrainConfig(
-        dataset="digits",
-        limit_train=32,
-        batch_size=32,
-        epochs=1,
-        progress=False,
-        log_every=1,
-        out=str(root / "run"),
-        model_kwargs={"depth": 8, "widths": [2, 2, 2]},
+        **one_epoch_digits(
+            limit_train=32,
+            log_every=1,
+            out=str(root / "run"),
+            model_kwargs={"depth": 8, "widths": [2, 2, 2]},
+        )
     )
     train(cfg, log=lambda _m: None)
     return root

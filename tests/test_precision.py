@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli_helpers import autocast_adam_steps, one_epoch_digits
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -56,15 +57,7 @@ def test_bf16_logits_match_float32_at_the_start():
 
 def test_bf16_autocast_trains_50_steps_without_nan():
     model, x, y = _model_and_data()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(50):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = [float(loss) for loss in autocast_adam_steps(model, x, y, 50, "cpu")]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0]  # it actually learns the batch
@@ -83,15 +76,7 @@ def test_hyperbolic_kernels_are_upcast_under_autocast():
 # ------------------------------------------------------------------ fp16 with a GradScaler
 
 # 64 digits, batch 32: 2 steps per epoch; depth 8 (one block per stage)
-TINY = dict(
-    dataset="digits",
-    limit_train=64,
-    batch_size=32,
-    epochs=1,
-    progress=False,
-    log_every=1,
-    model_kwargs={"depth": 8},
-)
+TINY = one_epoch_digits(limit_train=64, log_every=1)
 TIMING_KEYS = ("epoch_time_s", "images_per_s")
 
 

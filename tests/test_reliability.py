@@ -12,14 +12,12 @@ import random
 import re
 import signal
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _cli_helpers import ckpt_steps, launch_train, sigkill_when
 from _helpers import assert_same_weights, checkpoint_weights, tiny_config
 
 from poincare_resnet import cli
@@ -38,7 +36,6 @@ from poincare_resnet.training.trainer import (
     train,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_ARGS = [
     "--dataset",
     "digits",
@@ -65,17 +62,6 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
-
-
-def _ckpt_steps(run: Path) -> list[int]:
-    d = run / "checkpoints"
-    if not d.is_dir():
-        return []
-    return sorted(
-        int(m.group(1))
-        for p in d.iterdir()
-        if (m := re.fullmatch(r"ckpt-(\d+)\.safetensors", p.name))
-    )
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +99,9 @@ def test_repeated_interruptions_in_process_reproduce_the_uninterrupted_run(refer
             log=messages.append,
         )
         assert any(m.startswith(f"resumed {run}") for m in messages), messages
-        assert _ckpt_steps(run)[-1] == (max_steps or 6)
+        assert ckpt_steps(run)[-1] == (max_steps or 6)
     assert summary["test_top1"] == reference["summary"]["test_top1"]
     assert_same_weights(reference["last"], checkpoint_weights(run / "last.safetensors"))
-
-
-def _cli_env() -> dict[str, str]:
-    paths = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
-
-
-def _launch(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "poincare_resnet", "train", *args],
-        cwd=REPO,
-        env=_cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def test_sigkill_at_random_moments_then_resume_reproduces_the_run(
@@ -144,21 +114,14 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_run(
     kills = 0
     args = [*common, "--out", str(run)]
     for k in (2, 4, 5):  # kill once at least k step checkpoints exist
-        proc = _launch(args)
-        try:
-            deadline = time.monotonic() + 120
-            while proc.poll() is None and time.monotonic() < deadline:
-                steps = _ckpt_steps(run)
-                if steps and steps[-1] >= k:
-                    time.sleep(rng.uniform(0.0, 0.25))  # a random moment after the k-th one
-                    proc.send_signal(signal.SIGKILL)
-                    break
-                time.sleep(0.01)
-            proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        proc = launch_train(args)
+        sigkill_when(
+            proc,
+            lambda k=k: (steps := ckpt_steps(run)) != [] and steps[-1] >= k,
+            timeout=120,
+            poll=0.01,
+            delay=lambda: rng.uniform(0.0, 0.25),  # a random moment after the k-th one
+        )
         if proc.returncode == -signal.SIGKILL:
             kills += 1
         else:
@@ -167,7 +130,7 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_run(
     record_property("sigkills", kills)
     assert kills >= 2, "the runs finished before they could be killed"
     if not (run / "summary.json").exists():
-        proc = _launch(args)
+        proc = launch_train(args)
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         assert "test_top1" in out
@@ -177,7 +140,7 @@ def test_sigkill_at_random_moments_then_resume_reproduces_the_run(
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(run, ckpt_every_steps=1, max_steps=4), log=_quiet)
-    assert _ckpt_steps(run) == [2, 3, 4]  # keep_checkpoints=3
+    assert ckpt_steps(run) == [2, 3, 4]  # keep_checkpoints=3
     latest = run / "checkpoints" / "ckpt-00000004.safetensors"
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])
@@ -436,7 +399,7 @@ def test_overwrite_replaces_a_run_of_this_tool_and_refuses_one_with_foreign_file
     assert not (out / ".metrics.0123456789abcdef.tmp.jsonl").exists()
     assert not (out / "attack").exists()
     assert json.loads((out / "config.json").read_text())["seed"] == 1
-    assert _ckpt_steps(out) == [1]
+    assert ckpt_steps(out) == [1]
 
 
 def test_remove_run_files_deletes_only_known_files_and_keeps_the_directory(tmp_path):
@@ -534,7 +497,7 @@ def test_distributed_run_with_default_out_makes_one_run_directory(tmp_path):
     made = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(made) == 1 and made[0].endswith("-rank0"), made
     run = tmp_path / "runs" / made[0]
-    assert (run / "config.json").is_file() and _ckpt_steps(run) == [1]
+    assert (run / "config.json").is_file() and ckpt_steps(run) == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
 
 
@@ -782,7 +745,7 @@ def _stress(tmp_path: Path, monkeypatch, steps: int, record_property) -> str:
         step = int(re.search(r"non-finite loss or gradient at step (\d+)", str(exc)).group(1))
         assert step == snaps.count <= steps
         assert _snapshot(run) == snaps.last
-        last = _ckpt_steps(run)
+        last = ckpt_steps(run)
         if last:
             assert "is untouched" in str(exc)
             ck = load_checkpoint(run / "checkpoints" / f"ckpt-{last[-1]:08d}.safetensors")
@@ -790,7 +753,7 @@ def _stress(tmp_path: Path, monkeypatch, steps: int, record_property) -> str:
         outcome = f"guard stopped at step {step}"
     else:
         assert snaps.count == steps  # every step ran
-        assert _ckpt_steps(run)[-1] == steps
+        assert ckpt_steps(run)[-1] == steps
         ck = load_checkpoint(run / "checkpoints" / f"ckpt-{steps:08d}.safetensors")
         assert all(torch.isfinite(t).all() for t in ck.model_state.values())
         losses = [

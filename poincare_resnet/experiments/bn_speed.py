@@ -30,7 +30,7 @@ from .common import (
     median_time,
     new_figure,
     pick,
-    run_probe,
+    probe,
     save_figure,
     torch_threads,
     train_or_none,
@@ -186,38 +186,12 @@ def run(
     dataset = pick(dataset, "digits", "digits", tiny)
     epochs = int(pick(epochs, 3, 1, tiny))
     limit_train = pick(limit_train, None, 64, tiny)
-    rows: list[dict[str, Any]] = []
     with torch_threads(threads):
-        for b in batch_sizes:
-            for w in widths:
-                row: dict[str, Any] = {"part": "speed", "batch": b, "width": w, "size": size}
-                for mean in MEANS:
-                    row[f"{mean}_ms"] = 1e3 * time_bn(mean, b, w, size, repeats, c, seed, device)
-                row["speedup"] = row["frechet_ms"] / row["midpoint_ms"]
-                if memory:
-                    for mean in MEANS:
-                        spec = {
-                            "kind": "bn",
-                            "mean": mean,
-                            "batch": b,
-                            "channels": w,
-                            "size": size,
-                            "c": c,
-                            "seed": seed,
-                            "device": device,
-                            "threads": threads or torch.get_num_threads(),
-                        }
-                        res = run_probe(spec, timeout)
-                        row[f"{mean}_peak_mib"] = res["peak_mib"]
-                    row["memory_ratio"] = row["frechet_peak_mib"] / max(
-                        row["midpoint_peak_mib"], 1e-9
-                    )
-                    row["memory_method"] = res["method"]
-                rows.append(row)
-                log(
-                    f"bn-speed: ({b}, {w}, {size}, {size})  midpoint {row['midpoint_ms']:.2f} ms"
-                    f"  frechet {row['frechet_ms']:.2f} ms  ({row['speedup']:.1f}x)"
-                )
+        rows = [
+            _speed_row(b, w, size, repeats, c, seed, device, threads, memory, timeout, log)
+            for b in batch_sizes
+            for w in widths
+        ]
         train_rows = []
         if train_runs:
             recipe = TrainRecipe(
@@ -226,6 +200,47 @@ def run(
             for mean in MEANS:
                 run_dir = out / "runs" / mean
                 train_rows.append(train_with_bn(mean, run_dir, model=model, recipe=recipe, log=log))
+    _write_outputs(out, rows, train_rows, size, log)
+    return rows + train_rows
+
+
+def _speed_row(
+    b: int,
+    w: int,
+    size: int,
+    repeats: int,
+    c: float,
+    seed: int,
+    device: str,
+    threads: int | None,
+    memory: bool,
+    timeout: float | None,
+    log: Log,
+) -> dict[str, Any]:
+    """One speed row: both means' times at batch ``b``, width ``w`` (and peak memory)."""
+    row: dict[str, Any] = {"part": "speed", "batch": b, "width": w, "size": size}
+    for mean in MEANS:
+        row[f"{mean}_ms"] = 1e3 * time_bn(mean, b, w, size, repeats, c, seed, device)
+    row["speedup"] = row["frechet_ms"] / row["midpoint_ms"]
+    if memory:
+        for mean in MEANS:
+            res = probe(
+                "bn", seed, device, threads, timeout, mean=mean, batch=b, channels=w, size=size, c=c
+            )
+            row[f"{mean}_peak_mib"] = res["peak_mib"]
+        row["memory_ratio"] = row["frechet_peak_mib"] / max(row["midpoint_peak_mib"], 1e-9)
+        row["memory_method"] = res["method"]
+    log(
+        f"bn-speed: ({b}, {w}, {size}, {size})  midpoint {row['midpoint_ms']:.2f} ms"
+        f"  frechet {row['frechet_ms']:.2f} ms  ({row['speedup']:.1f}x)"
+    )
+    return row
+
+
+def _write_outputs(
+    out: Path, rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], size: int, log: Log
+) -> None:
+    """The tables, the figure and the summary (at the largest configuration)."""
     write_table(rows, out / SLUG)
     if train_rows:
         write_table(train_rows, out / f"{SLUG}_train")
@@ -243,7 +258,6 @@ def run(
         f"bn-speed: at {tuple(summary['largest_config'])} the midpoint batch norm is "
         f"{key['speedup']:.1f}x faster than the Fréchet one (forward + backward)"
     )
-    return rows + train_rows
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:

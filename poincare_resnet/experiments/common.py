@@ -277,6 +277,38 @@ def run_probe(spec: dict[str, Any], timeout: float | None = None) -> dict[str, A
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def probe(
+    kind: str,
+    seed: int,
+    device: str,
+    threads: int | None,
+    timeout: float | None,
+    **fields: Any,
+) -> dict[str, Any]:
+    """:func:`run_probe` on the spec ``{"kind": kind, **fields, "seed", "device", "threads"}``.
+
+    Parameters
+    ----------
+    kind : str
+        The probe's kind (``"bn"``, ``"resnet_step"``).
+    seed, device, threads
+        Seed, device and torch CPU threads of the probe (``threads=None``: this process's
+        current thread count).
+    timeout : float, optional
+        As in :func:`run_probe`.
+    **fields
+        The kind's sizes and options.
+
+    Returns
+    -------
+    dict
+        The probe's measurements.
+    """
+    threads = threads or torch.get_num_threads()
+    spec = {"kind": kind, **fields, "seed": seed, "device": device, "threads": threads}
+    return run_probe(spec, timeout)
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     """The training options an experiment applies to each of its runs.

@@ -5,8 +5,11 @@ FGSM / PGD robust accuracy on the paper's ε grid, side by side.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from ..api import load_model
 from ..data import load_dataset
@@ -25,6 +28,9 @@ from .common import (
     train_or_none,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from ..training.config import TrainConfig
 
 SLUG = "compare"
 MODELS = ("euclidean_resnet20", "hybrid_resnet20", "poincare_resnet20")
@@ -98,6 +104,9 @@ def run(
     test_x, test_y = data.test_x, data.test_y
     sets = resolve_ood_sets(ood_sets, test_x, seed)
     n_att = len(test_y) if attack_limit is None else min(int(attack_limit), len(test_y))
+    ev = _Evaluation(
+        test_x, test_y, sets, scores, repeats, attacks, eps, pgd_steps, n_att, seed, device
+    )
     rows: list[dict[str, Any]] = []
     all_attack_rows: list[dict[str, Any]] = []
     all_ood_rows: list[dict[str, Any]] = []
@@ -109,40 +118,71 @@ def run(
             cfg = recipe.config(
                 name, out / "runs" / name, optimizer=optimizer, weight_decay=weight_decay
             )
-            row: dict[str, Any] = {"model": name, "dataset": dataset, "epochs": epochs}
-            summary = train_or_none(cfg, log, f"compare: {name}")
-            if summary is None:
-                rows.append({**row, "error": "non-finite"})
-                continue
-            model, _meta = load_model(summary["run_dir"], device)
-            row.update(
-                params=summary["params"],
-                test_top1=summary["test_top1"],
-                mean_epoch_time_s=summary["mean_epoch_time_s"],
-            )
-            ood, _, _ = ood_scores_and_rows(model, test_x, sets, scores, repeats, seed=seed)
-            attacked = (test_x[:n_att], test_y[:n_att])
-            att = attack_rows(model, *attacked, attacks, eps, pgd_steps, seed=seed)
-            _add_columns(row, ood, att)
-            all_ood_rows += [{"model": name, **r} for r in ood]
-            all_attack_rows += [{"model": name, **r} for r in att]
+            row, ood, att = _compare_model(name, cfg, recipe, ev, log)
             rows.append(row)
-            log(
-                f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
-                f"{row['mean_epoch_time_s']:.2f} s/epoch"
-            )
+            all_ood_rows += ood
+            all_attack_rows += att
     title = f"Robust accuracy on {dataset} ({n_att} test images)"
     _write_tables(out, rows, all_ood_rows, all_attack_rows, title)
+    _write_summary(out, rows, recipe, optimizer)
+    return rows
+
+
+def _write_summary(
+    out: Path, rows: list[dict[str, Any]], recipe: TrainRecipe, optimizer: str
+) -> None:
+    """``compare_summary.json``: the training recipe and the model rows."""
     recipe_facts = {
-        "dataset": dataset,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
+        "dataset": recipe.dataset,
+        "epochs": recipe.epochs,
+        "batch_size": recipe.batch_size,
+        "lr": recipe.lr,
         "optimizer": optimizer,
-        "limit_train": limit_train,
+        "limit_train": recipe.limit_train,
     }
     write_json(out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows})
-    return rows
+
+
+@dataclass(frozen=True)
+class _Evaluation:
+    """What every trained model is evaluated on: the OOD sets and scores, the attacks."""
+
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    sets: dict[str, torch.Tensor]
+    scores: tuple[str, ...]
+    repeats: int
+    attacks: tuple[str, ...]
+    eps: tuple[float, ...]
+    pgd_steps: int
+    n_att: int
+    seed: int
+    device: str
+
+
+def _compare_model(
+    name: str, cfg: TrainConfig, recipe: TrainRecipe, ev: _Evaluation, log: Log
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Train model ``name`` and evaluate it: its wide row, its OOD rows and its attack rows."""
+    row: dict[str, Any] = {"model": name, "dataset": recipe.dataset, "epochs": recipe.epochs}
+    summary = train_or_none(cfg, log, f"compare: {name}")
+    if summary is None:
+        return {**row, "error": "non-finite"}, [], []
+    model, _meta = load_model(summary["run_dir"], ev.device)
+    row.update(
+        params=summary["params"],
+        test_top1=summary["test_top1"],
+        mean_epoch_time_s=summary["mean_epoch_time_s"],
+    )
+    ood, _, _ = ood_scores_and_rows(model, ev.test_x, ev.sets, ev.scores, ev.repeats, seed=ev.seed)
+    attacked = (ev.test_x[: ev.n_att], ev.test_y[: ev.n_att])
+    att = attack_rows(model, *attacked, ev.attacks, ev.eps, ev.pgd_steps, seed=ev.seed)
+    _add_columns(row, ood, att)
+    log(
+        f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
+        f"{row['mean_epoch_time_s']:.2f} s/epoch"
+    )
+    return row, [{"model": name, **r} for r in ood], [{"model": name, **r} for r in att]
 
 
 def _add_columns(row: dict[str, Any], ood: list[dict], att: list[dict]) -> None:

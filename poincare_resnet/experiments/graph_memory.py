@@ -28,10 +28,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..evaluation.tables import write_table_atomic as write_table
-from .common import Log, as_tuple, new_figure, pick, run_probe, save_figure, write_json
+from .common import Log, as_tuple, new_figure, pick, probe, save_figure, write_json
 
 SLUG = "graph_memory"
 MODES = (("manual", True), ("autograd", False))
@@ -76,45 +74,79 @@ def run(
     size = int(pick(size, 32, 8, tiny))
     repeats = int(pick(repeats, 3, 1, tiny))
     widths = as_tuple(widths)
-    rows: list[dict[str, Any]] = []
-    for depth in depths:
-        by_mode: dict[str, dict[str, Any]] = {}
-        for mode, manual in MODES:
-            spec = {
-                "kind": "resnet_step",
-                "depth": depth,
-                "batch": batch_size,
-                "size": size,
-                "in_chans": in_chans,
-                "widths": list(widths),
-                "manual": manual,
-                "repeats": repeats,
-                "seed": seed,
-                "device": device,
-                "threads": threads or torch.get_num_threads(),
-            }
-            res = run_probe(spec, timeout)
-            by_mode[mode] = {
-                "depth": depth,
-                "backward": mode,
-                "batch": batch_size,
-                "size": size,
-                **res,
-            }
-        ref = by_mode["autograd"]
-        for mode, _ in MODES:
-            r = by_mode[mode]
-            r["memory_vs_autograd"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
-            r["nodes_vs_autograd"] = r["graph_nodes"] / ref["graph_nodes"]
-            r["saved_vs_autograd"] = r["saved_mib"] / ref["saved_mib"]
-            rows.append(r)
-        m = by_mode["manual"]
-        log(
-            f"graph-memory: ResNet-{depth} batch {batch_size}: graph {m['graph_nodes']} vs "
-            f"{ref['graph_nodes']} nodes, saved tensors {m['saved_mib']:.1f} vs "
-            f"{ref['saved_mib']:.1f} MiB, peak {m['peak_mib']:.1f} vs {ref['peak_mib']:.1f} MiB "
-            f"(manual vs autograd)"
+    rows = [
+        r
+        for depth in depths
+        for r in _depth_rows(
+            depth, batch_size, size, in_chans, widths, repeats, seed, threads, device, timeout, log
         )
+    ]
+    _write_outputs(out, rows, depths, batch_size, size, log)
+    return rows
+
+
+def _depth_rows(
+    depth: int,
+    batch_size: int,
+    size: int,
+    in_chans: int,
+    widths: tuple,
+    repeats: int,
+    seed: int,
+    threads: int | None,
+    device: str,
+    timeout: float | None,
+    log: Log,
+) -> list[dict[str, Any]]:
+    """The rows of one depth, one per backward mode, with the ratios to plain autograd."""
+    by_mode: dict[str, dict[str, Any]] = {}
+    for mode, manual in MODES:
+        res = probe(
+            "resnet_step",
+            seed,
+            device,
+            threads,
+            timeout,
+            depth=depth,
+            batch=batch_size,
+            size=size,
+            in_chans=in_chans,
+            widths=list(widths),
+            manual=manual,
+            repeats=repeats,
+        )
+        by_mode[mode] = {
+            "depth": depth,
+            "backward": mode,
+            "batch": batch_size,
+            "size": size,
+            **res,
+        }
+    ref = by_mode["autograd"]
+    for mode, _ in MODES:
+        r = by_mode[mode]
+        r["memory_vs_autograd"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None
+        r["nodes_vs_autograd"] = r["graph_nodes"] / ref["graph_nodes"]
+        r["saved_vs_autograd"] = r["saved_mib"] / ref["saved_mib"]
+    m = by_mode["manual"]
+    log(
+        f"graph-memory: ResNet-{depth} batch {batch_size}: graph {m['graph_nodes']} vs "
+        f"{ref['graph_nodes']} nodes, saved tensors {m['saved_mib']:.1f} vs "
+        f"{ref['saved_mib']:.1f} MiB, peak {m['peak_mib']:.1f} vs {ref['peak_mib']:.1f} MiB "
+        f"(manual vs autograd)"
+    )
+    return [by_mode[mode] for mode, _ in MODES]
+
+
+def _write_outputs(
+    out: Path,
+    rows: list[dict[str, Any]],
+    depths: tuple,
+    batch_size: int,
+    size: int,
+    log: Log,
+) -> None:
+    """The table, the figure and the summary (at the deepest network)."""
     write_table(rows, out / SLUG)
     _figure(rows, out / f"{SLUG}.png")
     deepest = max(depths)
@@ -139,7 +171,6 @@ def run(
         f"peak memory = {'n/a' if ratio is None else f'{ratio * 100:.1f} %'} of plain autograd's "
         f"({summary['method']}); saved-tensor memory = {summary['saved_ratio'] * 100:.1f} %"
     )
-    return rows
 
 
 def _figure(rows: list[dict[str, Any]], path: Path) -> None:

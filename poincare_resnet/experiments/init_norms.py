@@ -127,20 +127,8 @@ def run(
         for kind, (u, dim) in inputs.items():
             for label, init, legacy in VARIANTS:
                 torch.manual_seed(seed)
-                if kind == "linear":
-                    layers = [
-                        PoincareLinear(features, features, c=c, init=init, legacy_lambda=legacy)
-                        for _ in range(depth)
-                    ]
-                else:
-                    layers = [
-                        PoincareConv2d(
-                            channels, channels, 3, padding=1, c=c, init=init, legacy_lambda=legacy
-                        )
-                        for _ in range(depth)
-                    ]
-                layers = [m.to(dt) for m in layers]
-                prof = norm_profile(layers, u, dim)
+                layers = _layer_stack(kind, init, legacy, depth, features, channels, c)
+                prof = norm_profile([m.to(dt) for m in layers], u, dim)
                 curves[kind][label] = prof
                 rows.append(
                     {
@@ -154,6 +142,30 @@ def run(
                     }
                 )
     write_table(rows, out / SLUG)
+    _figure(curves, features, channels, size, out / f"{SLUG}.png")
+    _write_summary(out, curves, depth, log)
+    return rows
+
+
+def _layer_stack(
+    kind: str, init: str, legacy: bool, depth: int, features: int, channels: int, c: float
+) -> list[torch.nn.Module]:
+    """``depth`` fresh Poincaré linear (``kind="linear"``) or 3×3 conv layers."""
+    if kind == "linear":
+        return [
+            PoincareLinear(features, features, c=c, init=init, legacy_lambda=legacy)
+            for _ in range(depth)
+        ]
+    return [
+        PoincareConv2d(channels, channels, 3, padding=1, c=c, init=init, legacy_lambda=legacy)
+        for _ in range(depth)
+    ]
+
+
+def _figure(
+    curves: dict[str, dict[str, list[float]]], features: int, channels: int, size: int, path: Path
+) -> None:
+    """Relative tangent norm per layer, one panel per layer kind."""
     fig, axes = new_figure(2)
     for ax, kind in zip(axes, ("linear", "conv"), strict=True):
         for (label, prof), style in zip(curves[kind].items(), ("-", "--", "-", "-"), strict=True):
@@ -168,7 +180,13 @@ def run(
         )
         ax.axhline(1.0, color="grey", lw=0.6, ls=":")
         ax.legend(fontsize=7)
-    save_figure(fig, out / f"{SLUG}.png")
+    save_figure(fig, path)
+
+
+def _write_summary(
+    out: Path, curves: dict[str, dict[str, list[float]]], depth: int, log: Log
+) -> None:
+    """The summary: the linear stack's final relative norm under the identity and HNN++ inits."""
     ident = curves["linear"]["identity"][-1]
     hnn = curves["linear"]["hnn"][-1]
     summary = {
@@ -183,4 +201,3 @@ def run(
         f"init-norms: after {depth} PoincareLinear layers the identity init keeps "
         f"{ident * 100:.3f} % of the input tangent norm, HNN++ init {hnn * 100:.3g} %"
     )
-    return rows

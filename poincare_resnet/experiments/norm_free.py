@@ -151,46 +151,71 @@ def run(
     dev = resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
     x = (torch.rand(init_batch, in_chans, size, size, generator=gen) * 2 - 1).to(dev)
-    init_rows: list[dict[str, Any]] = []
-    train_rows: list[dict[str, Any]] = []
     with torch_threads(threads):
-        for variant in variants:
-            first = None
-            for depth in depths:
-                r = init_norms(depth, variant, x, mode, seed)
-                first = r["feature_map_norm"] if first is None else first
-                init_rows.append(
-                    {
-                        "part": "init",
-                        "variant": variant,
-                        "depth": depth,
-                        "mode": mode,
-                        **r,
-                        "relative_to_first": r["feature_map_norm"] / first,
-                    }
-                )
+        init_rows = [
+            row for variant in variants for row in _init_rows(variant, depths, x, mode, seed)
+        ]
+        train_rows: list[dict[str, Any]] = []
         if train_runs:
             recipe = TrainRecipe(
                 dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
             )
-            for name in as_str_tuple(models):
-                cfg = recipe.config(name, out / "runs" / name)
-                row: dict[str, Any] = {
-                    "part": "train",
-                    "model": name,
-                    "dataset": dataset,
-                    "epochs": epochs,
-                }
-                s = train_or_none(cfg, log, f"norm-free: {name}")
-                if s is None:
-                    row.update(test_top1=float("nan"), error="non-finite")
-                else:
-                    row.update(
-                        test_top1=s["test_top1"],
-                        best_val_top1=s["best_val_top1"],
-                        mean_epoch_time_s=s["mean_epoch_time_s"],
-                    )
-                train_rows.append(row)
+            train_rows = [_train_row(name, recipe, out, log) for name in as_str_tuple(models)]
+    _write_outputs(out, init_rows, train_rows, depths, log)
+    return init_rows + train_rows
+
+
+def _init_rows(
+    variant: str, depths: tuple, x: torch.Tensor, mode: str, seed: int
+) -> list[dict[str, Any]]:
+    """Part (a) for one variant: the initial norms per depth, relative to the first depth's."""
+    rows = []
+    first = None
+    for depth in depths:
+        r = init_norms(depth, variant, x, mode, seed)
+        first = r["feature_map_norm"] if first is None else first
+        rows.append(
+            {
+                "part": "init",
+                "variant": variant,
+                "depth": depth,
+                "mode": mode,
+                **r,
+                "relative_to_first": r["feature_map_norm"] / first,
+            }
+        )
+    return rows
+
+
+def _train_row(name: str, recipe: TrainRecipe, out: Path, log: Log) -> dict[str, Any]:
+    """Part (b) for one model: its training run's test / validation accuracy and epoch time."""
+    cfg = recipe.config(name, out / "runs" / name)
+    row: dict[str, Any] = {
+        "part": "train",
+        "model": name,
+        "dataset": recipe.dataset,
+        "epochs": recipe.epochs,
+    }
+    s = train_or_none(cfg, log, f"norm-free: {name}")
+    if s is None:
+        row.update(test_top1=float("nan"), error="non-finite")
+    else:
+        row.update(
+            test_top1=s["test_top1"],
+            best_val_top1=s["best_val_top1"],
+            mean_epoch_time_s=s["mean_epoch_time_s"],
+        )
+    return row
+
+
+def _write_outputs(
+    out: Path,
+    init_rows: list[dict[str, Any]],
+    train_rows: list[dict[str, Any]],
+    depths: tuple,
+    log: Log,
+) -> None:
+    """The tables, the figure and the summary (each variant's norm growth over depth)."""
     write_table(init_rows, out / SLUG)
     if train_rows:
         write_table(train_rows, out / f"{SLUG}_train")
@@ -205,7 +230,6 @@ def run(
                 f"norm-free: {v}: output tangent norm {s['first']:.3f} at depth {depths[0]}, "
                 f"{s['last']:.3f} at depth {depths[-1]} ({s['ratio']:.2f}x)"
             )
-    return init_rows + train_rows
 
 
 def _summary(rows: list[dict[str, Any]], depths: tuple) -> dict[str, Any]:
