@@ -216,6 +216,19 @@ def stage2(s, k, out: bool = True) -> None:
     s.lg = torch.atanh(s.s) * s.inv_scon
 
 
+def _quad_backward(k, s, g, cm, cw, cb, G):
+    """Reverse of ``q = _quad(k, cm, cw, cb, s.mnn, s.mm, s.mb)`` for the adjoint ``g`` of ``q``:
+    ``(g_cm, g_cw, g_cb, g_mnn, g_mm, g_mb)``; the adjoints of ``‖μ‖², ‖β‖², ⟨β, μ⟩`` are
+    accumulated into ``G``."""
+    g_cm = 2 * g * (cm * k.m2 + cw * s.mm + cb * k.bm)
+    g_cw = 2 * g * (cw * s.mnn + cm * s.mm + cb * s.mb)
+    g_cb = 2 * g * (cb * k.b2 + cm * k.bm + cw * s.mb)
+    G["m2"] = G["m2"] + g * cm * cm
+    G["b2"] = G["b2"] + g * cb * cb
+    G["bm"] = G["bm"] + 2 * g * cm * cb
+    return g_cm, g_cw, g_cb, g * cw * cw, 2 * g * cm * cw, 2 * g * cw * cb
+
+
 def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     """Reverse of the output part of stage 2, from the adjoints of ``k_μ = lg·o_μ``,
     ``k_β = lg·o_β``, ``k_w = lg·o_w``: ``(g_q, g_mm, g_mb, g_u, g_shrink, g_at)``; the global
@@ -229,15 +242,8 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_scon = g_scon + _where0(_ind(s.scon, torch.le, k.s_max), g_s)
     g_on = k.sc * g_scon
     g_o2 = _where0(_ind(s.o2, torch.ge, _MN2), g_on / (2 * s.on))
-    g_omu = g_omu + 2 * g_o2 * (s.o_mu * m2 + s.o_w * s.mm + s.o_b * bm)
-    g_ow = g_ow + 2 * g_o2 * (s.o_w * s.mnn + s.o_mu * s.mm + s.o_b * s.mb)
-    g_ob = g_ob + 2 * g_o2 * (s.o_b * b2 + s.o_mu * bm + s.o_w * s.mb)
-    G["m2"] = G["m2"] + g_o2 * s.o_mu * s.o_mu
-    G["b2"] = G["b2"] + g_o2 * s.o_b * s.o_b
-    G["bm"] = G["bm"] + 2 * g_o2 * s.o_mu * s.o_b
-    g_mnn = g_o2 * s.o_w * s.o_w
-    g_mm = 2 * g_o2 * s.o_mu * s.o_w
-    g_mb = 2 * g_o2 * s.o_w * s.o_b
+    d_mu, d_w, d_b, g_mnn, g_mm, g_mb = _quad_backward(k, s, g_o2, s.o_mu, s.o_w, s.o_b, G)
+    g_omu, g_ow, g_ob = g_omu + d_mu, g_ow + d_w, g_ob + d_b
     inv = s.inv_den2
     g_a2 = g_ob * inv
     g_eb = g_ob * k.big_b2 * inv
@@ -249,15 +255,9 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_bw = (2 * c) * (g_d2r + g_a2)
     g_w2 = (c2 * b2) * g_d2r + c * g_a2
     G["b2"] = G["b2"] + c2 * s.w2 * g_d2r
-    g_emu = g_emu + 2 * g_w2 * (s.e_mu * m2 + s.e_w * s.mm + s.e_b * bm)
-    g_ew = g_ew + 2 * g_w2 * (s.e_w * s.mnn + s.e_mu * s.mm + s.e_b * s.mb)
-    g_eb = g_eb + 2 * g_w2 * (s.e_b * b2 + s.e_mu * bm + s.e_w * s.mb)
-    G["m2"] = G["m2"] + g_w2 * s.e_mu * s.e_mu
-    G["b2"] = G["b2"] + g_w2 * s.e_b * s.e_b
-    G["bm"] = G["bm"] + 2 * g_w2 * s.e_mu * s.e_b
-    g_mnn = g_mnn + g_w2 * s.e_w * s.e_w
-    g_mm = g_mm + 2 * g_w2 * s.e_mu * s.e_w
-    g_mb = g_mb + 2 * g_w2 * s.e_w * s.e_b
+    d_mu, d_w, d_b, d_nn, d_mm, d_mb = _quad_backward(k, s, g_w2, s.e_mu, s.e_w, s.e_b, G)
+    g_emu, g_ew, g_eb = g_emu + d_mu, g_ew + d_w, g_eb + d_b
+    g_mnn, g_mm, g_mb = g_mnn + d_nn, g_mm + d_mm, g_mb + d_mb
     g_emu = g_emu + g_bw * bm
     g_ew = g_ew + g_bw * s.mb
     g_eb = g_eb + g_bw * b2
