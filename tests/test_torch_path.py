@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from _helpers import bn_inputs, bn_run, gen
+from _helpers import bn_inputs, bn_run, gen, native_switch
 
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
@@ -37,10 +37,8 @@ _gen = gen
 @pytest.fixture
 def native_off():
     """The PyTorch path for the duration of a test (native kernels switched off)."""
-    before = _cpp.native_enabled()
-    _cpp.set_native(False)
-    yield
-    _cpp.set_native(before)
+    with native_switch(False):
+        yield
 
 
 # ------------------------------------------------------------------------------- batch norm
