@@ -12,7 +12,7 @@ from _helpers import bn_inputs, bn_run, gen
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
 from poincare_resnet.nn import PoincareBatchNorm2d
-from poincare_resnet.nn._kernels import batchnorm_forward
+from poincare_resnet.nn._closed_forms import batchnorm_forward
 from poincare_resnet.nn._native_batchnorm import (
     _BatchNormMap,
     _TrainBatchNorm,

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._kernels import _radial
+from ._closed_forms import _radial
 
 __all__ = ["BatchNormFront", "batchnorm_front", "centre", "check_per_channel", "rescale"]
 

@@ -562,11 +562,11 @@ def torch_batchnorm(
     proj_eps: float,
     t_max: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`._kernels.batchnorm_forward` by the functions above: ``(out, μ, σ², N)``.
+    """:func:`._closed_forms.batchnorm_forward` by the functions above: ``(out, μ, σ², N)``.
 
     ``mu``/``var`` ``None``: batch statistics (gradients flow through them into ``v``; the
     returned μ and σ² are detached); otherwise the given running statistics."""
-    from ._kernels import batchnorm_forward
+    from ._closed_forms import batchnorm_forward
 
     if isinstance(c, Tensor):
         c = c.reshape(()).to(v.dtype)

@@ -1,4 +1,4 @@
-"""Triton kernels of the Poincaré midpoint batch norm (:func:`.._kernels.batchnorm_forward`).
+"""Triton kernels of the Poincaré midpoint batch norm (:func:`.._closed_forms.batchnorm_forward`).
 
 Per pixel (the chain of ``_cpp/batchnorm.cpp``, whose stages these kernels port)::
 
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ...ball.config import MIN_NORM
 from .._batchnorm_front import centre, rescale
-from .._kernels import midpoint_from_sums
+from .._closed_forms import midpoint_from_sums
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
 from ._tiles import channel_column, dense_like, grad_map, program_block, store_tile, tile, tile0
@@ -593,7 +593,7 @@ def batchnorm(
     t_max: float,
     block_c: int = BLOCK_C,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`poincare_resnet.nn._kernels.batchnorm_forward` by the Triton kernels.
+    """:func:`poincare_resnet.nn._closed_forms.batchnorm_forward` by the Triton kernels.
 
     ``v`` is a 4-D ``[B, C, H, W]`` tangent map; ``mu`` ([C] ball point) and ``var`` the
     running statistics, or ``None`` for the batch ones (then gradients flow through them into
