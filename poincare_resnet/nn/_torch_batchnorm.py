@@ -387,8 +387,8 @@ def map_backward(v, g, mu, beta, k, var_seed=None):
 
 
 # ------------------------------------------------------------------ [C]-sized train-mode maths
-def midpoint(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
-    """``μ`` from the sums (the closed form's ``midpoint_from_sums``), with its intermediates."""
+def midpoint_from_sums(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
+    """``μ`` from the sums (as the closed form's, and the C++ one), with its intermediates."""
     z = Scalars()
     z.s1 = s1
     z.s0 = s0
@@ -408,7 +408,7 @@ def midpoint(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
     return z
 
 
-def midpoint_back(z, g_mu: Tensor) -> tuple[Tensor, Tensor]:
+def midpoint_from_sums_backward(z, g_mu: Tensor) -> tuple[Tensor, Tensor]:
     """Adjoint of μ → adjoints of ``(Σγ²x [C], Σγ²)``."""
     g_normc = -(g_mu * z.mu0).sum() * z.radius / (z.normc * z.normc)
     g_normc = torch.where(z.norm0 >= MIN_NORM, g_normc, torch.zeros_like(g_normc))
@@ -435,7 +435,7 @@ def midpoint_sums(v: Tensor, s) -> tuple[Tensor, Tensor]:
     return _chan_sums(v, w)[0], g2.sum()
 
 
-def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Tensor, Tensor]:
+def midpoint_sums_backward(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Tensor, Tensor]:
     """Backward of :func:`midpoint_sums` as ``(w [B, 1, P], coefficient on v)``:
     ``∂v = w·g_s1 + coef·v``."""
     g2, w = _gamma_weight(s)
@@ -473,7 +473,7 @@ class TorchTrainBatchNorm(torch.autograd.Function):
         s = _centre_expmap(_sq(v), k0)
         s1, s0 = midpoint_sums(v, s)
         count = v.shape[0] * v.shape[2]
-        z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
+        z = midpoint_from_sums(s1.double(), s0.double(), count, c, proj_eps)
         mu = z.mu.to(v.dtype)
         k = consts(mu, beta, c, t_max, proj_eps, None)
         s, d = pixel_products(v, mu, beta, k, centre=s)  # the variance and the output share d
@@ -494,7 +494,7 @@ class TorchTrainBatchNorm(torch.autograd.Function):
         v, beta, weight, s1, s0, S = ctx.saved_tensors
         c, bn_eps, proj_eps, t_max = ctx.args
         count = v.shape[0] * v.shape[2]
-        z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
+        z = midpoint_from_sums(s1.double(), s0.double(), count, c, proj_eps)
         mu = z.mu.to(v.dtype)
         var = S.double() * (4 / c) / count
         w = weight.double().reshape(-1)[0]
@@ -510,9 +510,9 @@ class TorchTrainBatchNorm(torch.autograd.Function):
             return (g_var * 4 / (c * count)).to(v.dtype)
 
         grad_v, g_mu, g_beta, _, s = map_backward(v, grad, mu, beta, k, var_seed)
-        g_s1, g_s0 = midpoint_back(z, g_mu.double())
+        g_s1, g_s0 = midpoint_from_sums_backward(z, g_mu.double())
         g_s1 = g_s1.to(v.dtype)
-        w_mid, cv_mid = midpoint_sums_back(v, s, k, g_s1, g_s0.to(v.dtype))
+        w_mid, cv_mid = midpoint_sums_backward(v, s, k, g_s1, g_s0.to(v.dtype))
         gv = grad_v(g_s1.view(1, -1), w_mid, cv_mid) if ctx.needs_input_grad[0] else None
         g_w = box["g_w"].to(weight.dtype).expand(weight.shape).clone()
         return gv, g_beta, g_w, None, None, None, None

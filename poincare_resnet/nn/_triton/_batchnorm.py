@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ball.config import MIN_NORM
-from .._batchnorm_front import centre, rescale
+from .._batchnorm_front import centre_from_bias, rescale_from_variance
 from .._closed_forms import midpoint_from_sums
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
@@ -629,8 +629,8 @@ def batchnorm(
         if not isinstance(var, Tensor) or var.numel() != 1:
             raise ValueError(f"var must be a one-element tensor, got {getattr(var, 'shape', var)}")
         var = var.to(v.dtype)
-    beta = centre(beta_t, c, t_max)  # β = expmap0(bias)
-    r = rescale(var, weight.to(v.dtype), bn_eps)  # |weight| / √(σ² + eps), [1]
+    beta = centre_from_bias(beta_t, c, t_max)  # β = expmap0(bias)
+    r = rescale_from_variance(var, weight.to(v.dtype), bn_eps)  # |weight| / √(σ² + eps), [1]
     glob = torch.stack([m2, beta.pow(2).sum(), (beta * mu).sum()])
     out = BatchNormMap.apply(v, mu, beta, r, glob, c, proj_eps, t_max, block_c)
     return (
