@@ -342,12 +342,12 @@ def _capture_kernel_args(device: torch.device, s: Sizes) -> dict[str, tuple]:
 def _torch_reference(name: str) -> Callable:
     """The PyTorch closed forms the Triton kernels must match (native kernels off)."""
     from poincare_resnet import ball
-    from poincare_resnet.nn import _kernels
+    from poincare_resnet.nn import _closed_forms
 
     if name == "batchnorm":
-        return lambda *a: _kernels.batchnorm_forward(*a, None)
+        return lambda *a: _closed_forms.batchnorm_forward(*a, None)
     if name == "residual":
-        return _kernels.residual_forward
+        return _closed_forms.residual_forward
     return lambda dots, sq, znorm, bias, c, dim: ball.fc_tangent(
         dots, sq, znorm, bias, c=c, dim=dim
     )

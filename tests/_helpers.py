@@ -4,19 +4,43 @@ comparisons of checkpoint weights."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from poincare_resnet import ball
+from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
 from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d, PoincareResidual, TangentReLU
 from poincare_resnet.training.checkpoint import load_checkpoint
 from poincare_resnet.training.trainer import TrainConfig
 
 F64 = torch.float64
+
+
+@contextlib.contextmanager
+def native_switch(enabled: bool) -> Iterator[None]:
+    """The native kernels switched on or off (``_cpp.set_native``) inside the block."""
+    previous = _cpp.native_enabled()
+    _cpp.set_native(enabled)
+    try:
+        yield
+    finally:
+        _cpp.set_native(previous)
+
+
+def model_meta(model: nn.Module, dataset: str = "digits", dtype: str = "float32") -> dict:
+    """A checkpoint's ``meta`` for a registry ``model``: its name, kwargs and config."""
+    return {
+        "model_name": model.model_name,
+        "model_kwargs": model.model_kwargs,
+        "model_config": model.model_config,
+        "dataset": dataset,
+        "dtype": dtype,
+    }
 
 
 def gen(seed: int) -> torch.Generator:

@@ -10,10 +10,9 @@ message. A meta tensor stands in for a tensor on another device.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from _helpers import native_switch
 
 import poincare_resnet._cpp as cpp
 from poincare_resnet import ball
@@ -29,16 +28,6 @@ BN = (0.1, 1e-5, 1e-5, 8.0, 1e-15)  # c, bn_eps, proj_eps, t_max, min_norm
 def _need(name: str) -> None:
     if cpp.load_kernel(name) is None:
         pytest.skip(f"native kernel {name!r} cannot be built here")
-
-
-@contextlib.contextmanager
-def _native(enabled: bool):
-    previous = cpp.native_enabled()
-    cpp.set_native(enabled)
-    try:
-        yield
-    finally:
-        cpp.set_native(previous)
 
 
 def _bad(kind: str, t: torch.Tensor) -> torch.Tensor:
@@ -77,16 +66,16 @@ def test_fc_tangent_rejects_bad_per_channel_argument(native, arg, kind):
         _need("fc")
     args = _fc_args()
     args[arg] = _bad(kind, args[arg])
-    with _native(native), pytest.raises(ValueError, match=arg):
+    with native_switch(native), pytest.raises(ValueError, match=arg):
         ball.fc_tangent(*args.values(), c=0.1, dim=1)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
 def test_fc_tangent_rejects_bad_curvature(native):
     args = _fc_args()
-    with _native(native), pytest.raises(ValueError, match="curvature"):
+    with native_switch(native), pytest.raises(ValueError, match="curvature"):
         ball.fc_tangent(*args.values(), c=torch.tensor([0.1, 0.2]), dim=1)
-    with _native(native), pytest.raises(ValueError, match="curvature"):
+    with native_switch(native), pytest.raises(ValueError, match="curvature"):
         ball.fc_tangent(*args.values(), c=-1.0, dim=1)
 
 
@@ -324,7 +313,7 @@ def test_native_batchnorm_entry_point_rejects_wrong_sizes(arg, pattern):
         native_batchnorm(
             v, args["mu"], args["bias"], args["weight"], args["var"], 0.1, 1e-5, 1e-5, 8.0
         )
-    with _native(True), pytest.raises(ValueError, match=pattern):
+    with native_switch(True), pytest.raises(ValueError, match=pattern):
         _dispatch.batchnorm(
             v, args["mu"], args["bias"], args["weight"], args["var"], 0.1, 1e-5, 1e-5, 8.0, None
         )

@@ -73,7 +73,7 @@ def _load_gpu_check():
 def _fake_triton(residual_error: float) -> types.ModuleType:
     """A stand-in for poincare_resnet.nn._triton: the PyTorch path, residual perturbed."""
     from poincare_resnet import ball
-    from poincare_resnet.nn import _kernels
+    from poincare_resnet.nn import _closed_forms
 
     fake = types.ModuleType("poincare_resnet.nn._triton")
     fake.available = lambda: True
@@ -81,8 +81,8 @@ def _fake_triton(residual_error: float) -> types.ModuleType:
     fake.fc_tangent = lambda dots, sq, znorm, bias, c, dim: ball.fc_tangent(
         dots, sq, znorm, bias, c=c, dim=dim
     )
-    fake.batchnorm = lambda *args: _kernels.batchnorm_forward(*args, None)
-    fake.residual = lambda *args: _kernels.residual_forward(*args) * (1 + residual_error)
+    fake.batchnorm = lambda *args: _closed_forms.batchnorm_forward(*args, None)
+    fake.residual = lambda *args: _closed_forms.residual_forward(*args) * (1 + residual_error)
     return fake
 
 

@@ -14,7 +14,7 @@ import torch
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
 from poincare_resnet.nn import PoincareLinear, PoincareResidual, _dispatch
-from poincare_resnet.nn._kernels import batchnorm_forward
+from poincare_resnet.nn._closed_forms import batchnorm_forward
 from poincare_resnet.nn._native_batchnorm import native_batchnorm
 from poincare_resnet.nn.batchnorm_map import batchnorm
 from poincare_resnet.nn.fc_map import fc_tangent, fc_tangent_legacy

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from _helpers import model_meta
 from torch import nn
 
 from poincare_resnet import ball
@@ -230,13 +231,7 @@ def test_checkpoint_round_trip_rebuilds_the_network(name, tmp_path):
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=5, in_chans=1, stem="imagenet", **SMALL).eval()
-    meta = {
-        "model_name": model.model_name,
-        "model_kwargs": model.model_kwargs,
-        "model_config": model.model_config,
-        "dataset": "digits",
-        "dtype": "float32",
-    }
+    meta = model_meta(model)
     path = save_checkpoint(tmp_path / "m.safetensors", model_state=model.state_dict(), meta=meta)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -8,10 +8,9 @@ against geoopt/mpmath oracles in ``test_ball.py``. Gradcheck (float64) runs on t
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from _helpers import native_switch
 from torch.autograd import gradcheck
 
 import poincare_resnet._cpp as cpp
@@ -25,16 +24,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 SHAPES = [(3, 5, 7, 9), (2, 4, 1, 1), (2, 16, 12, 12), (1, 1, 3, 50), (2, 3, 130)]
-
-
-@contextlib.contextmanager
-def native(enabled: bool):
-    previous = cpp.native_enabled()
-    cpp.set_native(enabled)
-    try:
-        yield
-    finally:
-        cpp.set_native(previous)
 
 
 def _inputs(shape, dtype, scale=1.0, seed=0):
@@ -51,7 +40,7 @@ def _inputs(shape, dtype, scale=1.0, seed=0):
 
 def _run(args, grad, c, enabled):
     leaves = [a.clone().requires_grad_() for a in args]
-    with native(enabled):
+    with native_switch(enabled):
         out = fc_tangent(*leaves, c, 1)
         out.backward(grad)
     return [out.detach()] + [leaf.grad for leaf in leaves]
@@ -63,7 +52,7 @@ def test_native_path_is_taken():
     assert not applicable(dots, torch.tensor(0.1), 1)  # learnable c: PyTorch path
     assert not applicable(dots.reshape(2, -1), 0.1, 1)  # 2-D: PyTorch path
     assert not applicable(dots, 0.1, -1)  # features not along dim 1
-    with native(False):
+    with native_switch(False):
         assert not applicable(dots, 0.1, 1)
     with ball.manual_backward(False):  # plain autograd: the PyTorch chain
         assert not applicable(dots, 0.1, 1)
@@ -76,7 +65,7 @@ def test_layer_reaches_native_and_ball_stays_pure(monkeypatch):
     real = _native_fc._NativeFC.apply
     monkeypatch.setattr(_native_fc._NativeFC, "apply", lambda *a: calls.append(1) or real(*a))
     args, _ = _inputs((2, 3, 4, 4), torch.float32)
-    with native(True):
+    with native_switch(True):
         want = ball.fc_tangent(*args, c=0.1, dim=1)
         assert not calls
         got = fc_tangent(*args, 0.1, 1)
@@ -124,7 +113,7 @@ def test_native_extreme_inputs_finite_and_close(scale, dtype):
 def test_native_gradcheck(shape, scale):
     args, _ = _inputs(shape, torch.float64, scale=scale, seed=7)
     leaves = [a.requires_grad_() for a in args]
-    with native(True):
+    with native_switch(True):
         assert applicable(leaves[0], 0.3, 1)
         assert gradcheck(lambda *a: fc_tangent(*a, 0.3, 1), leaves)
 
@@ -135,7 +124,7 @@ def test_native_gradcheck_selected_inputs():
     dots, sq, znorm, bias = args
     sq.requires_grad_()
     bias.requires_grad_()
-    with native(True):
+    with native_switch(True):
         assert gradcheck(lambda s, b: fc_tangent(dots, s, znorm, b, 0.5, 1), (sq, bias))
 
 
@@ -150,7 +139,7 @@ def test_conv_native_on_off(dtype, stride, padding):
     for enabled in (True, False):
         conv.zero_grad()
         xi = x.clone().requires_grad_()
-        with native(enabled):
+        with native_switch(enabled):
             out = conv(xi)
             out.pow(2).sum().backward()
         results.append([out.detach(), xi.grad, conv.weight.grad, conv.bias.grad])
@@ -166,7 +155,7 @@ def test_conv_compiles_fullgraph(enabled):
     torch.manual_seed(0)
     conv = PoincareConv2d(3, 4, 3, padding=1, init="hnn")
     x = torch.randn(2, 3, 8, 8)
-    with native(enabled):
+    with native_switch(enabled):
         results = []
         for module in (conv, torch.compile(conv, fullgraph=True)):
             conv.zero_grad()
@@ -182,7 +171,7 @@ def test_kernel_switch_and_missing_source():
     """``set_native(False)`` turns every native path off; a kernel that cannot be built warns
     once and gives ``None`` (the layers then use their PyTorch formulas)."""
     assert "fc" in cpp.available_kernels()
-    with native(False):
+    with native_switch(False):
         assert cpp.load_kernel("fc") is None
         assert not cpp.kernel_loaded("fc")
     assert cpp.kernel_loaded("fc")

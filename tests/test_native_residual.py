@@ -10,7 +10,7 @@ import torch
 from poincare_resnet import _cpp
 from poincare_resnet.ball import get_eps, max_tangent_radius
 from poincare_resnet.nn import PoincareResidual
-from poincare_resnet.nn._kernels import residual_forward
+from poincare_resnet.nn._closed_forms import residual_forward
 from poincare_resnet.nn._native_residual import native_residual, native_residual_applicable
 
 

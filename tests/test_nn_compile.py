@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch._inductor.config
-from _helpers import PoincareBlock
+from _helpers import PoincareBlock, native_switch
 
 
 @torch._inductor.config.patch({"cpp.vec_isa_ok": False})
@@ -78,12 +78,8 @@ def _all_models() -> list[str]:
 
 @pytest.fixture
 def torch_path():
-    from poincare_resnet import _cpp
-
-    before = _cpp.native_enabled()
-    _cpp.set_native(False)
-    yield
-    _cpp.set_native(before)
+    with native_switch(False):
+        yield
 
 
 def _check_model_compiles(name: str, backend: str, tol: float, **kwargs) -> None:

@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
-from _helpers import bn_inputs, bn_run, gen
+from _helpers import bn_inputs, bn_run, gen, native_switch
 
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
 from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d, PoincareResidual
-from poincare_resnet.nn._kernels import batchnorm_forward, residual_forward
+from poincare_resnet.nn._closed_forms import batchnorm_forward, residual_forward
 from poincare_resnet.nn._native_batchnorm import native_batchnorm
 from poincare_resnet.nn._native_residual import native_residual
 from poincare_resnet.nn._torch_batchnorm import (
@@ -37,10 +37,8 @@ _gen = gen
 @pytest.fixture
 def native_off():
     """The PyTorch path for the duration of a test (native kernels switched off)."""
-    before = _cpp.native_enabled()
-    _cpp.set_native(False)
-    yield
-    _cpp.set_native(before)
+    with native_switch(False):
+        yield
 
 
 # ------------------------------------------------------------------------------- batch norm
@@ -76,7 +74,7 @@ def test_batchnorm_equals_native_float64(train, scale, c):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_batchnorm_equals_closed_form_float64(train):
-    """Independent of the native build: against the autograd closed form of ``_kernels``."""
+    """Independent of the native build: against the autograd closed form of ``_closed_forms``."""
     args = _bn_inputs((2, 6, 5, 3), 0.7, 1.2, F64, 3, train)
     want = _bn_run(batchnorm_forward, *args, 0.7)
     got = _bn_run(torch_batchnorm, *args, 0.7)

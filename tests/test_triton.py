@@ -1,7 +1,7 @@
 """The Triton kernels (``poincare_resnet.nn._triton``) against the PyTorch paths, under the
 Triton interpreter on CPU tensors (``TRITON_INTERPRET=1``).
 
-References: the closed forms of :mod:`poincare_resnet.nn._kernels` and
+References: the closed forms of :mod:`poincare_resnet.nn._closed_forms` and
 :func:`poincare_resnet.ball.fc_tangent` with native kernels off and plain autograd, evaluated in
 float64. float32 kernels must match them to 1e-5 (max-norm relative error, values and every
 gradient), float64 kernels to 1e-10; float64 gradchecks on tiny shapes. Shapes cover B = 1,
@@ -20,7 +20,7 @@ import torch
 
 from poincare_resnet import _cpp, ball
 from poincare_resnet.ball import get_eps, max_tangent_radius
-from poincare_resnet.nn._kernels import batchnorm_forward, residual_forward
+from poincare_resnet.nn._closed_forms import batchnorm_forward, residual_forward
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # TRITON_INTERPRET must be set before triton.language is first imported (its library functions

@@ -19,7 +19,7 @@ Plain autograd is :func:`poincare_resnet.ball.manual_backward` ``(False)``: the 
 (the Poincaré FC / convolution map, exp/log maps, Möbius addition) differentiate through their
 formulas, and batch norm and the residual run as op-by-op chains of ball operations, as research
 code does. With manual backward passes (the default) they use the hand-written backward passes
-and the closed-form kernels of :mod:`poincare_resnet.nn._kernels`, whose autograd graph holds
+and the closed-form kernels of :mod:`poincare_resnet.nn._closed_forms`, whose autograd graph holds
 per-pixel scalars instead of full activations.
 """
 

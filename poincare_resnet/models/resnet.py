@@ -111,6 +111,13 @@ class _ResNetBase(nn.Module):
     pool: nn.Module
     fc: nn.Module
 
+    def _set_topology(
+        self, depth: int, widths: Sequence[int], num_classes: int, in_chans: int
+    ) -> None:
+        """Record the topology; ``widths`` checked as ``num_stages`` positive ints."""
+        self.depth, self.widths = depth, check_widths(widths, self.num_stages)
+        self.num_classes, self.in_chans = num_classes, in_chans
+
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(
@@ -388,13 +395,8 @@ class PoincareResNet(_PoincareNet):
     ) -> None:
         super().__init__()
         n = blocks_per_stage(depth)
-        widths = check_widths(widths)
-        self.depth, self.widths, self.num_classes, self.in_chans = (
-            depth,
-            widths,
-            num_classes,
-            in_chans,
-        )
+        self._set_topology(depth, widths, num_classes, in_chans)
+        widths = self.widths
         lay = self._setup_poincare(c, learnable_c, layers, options)
         cur, scale = self.curvature, lay.block_scale(3 * n)
         self.stem = lay.stem(in_chans, widths[0], cur)
@@ -507,13 +509,8 @@ class EuclideanResNet(_EuclideanNet):
     ) -> None:
         super().__init__()
         n = blocks_per_stage(depth)
-        widths = check_widths(widths)
-        self.depth, self.widths, self.num_classes, self.in_chans = (
-            depth,
-            widths,
-            num_classes,
-            in_chans,
-        )
+        self._set_topology(depth, widths, num_classes, in_chans)
+        widths = self.widths
         lay = self._setup_layers(layers, options)
         self.stem = lay.stem(in_chans, widths[0])
         self.layer1, self.layer2, self.layer3 = make_stages(

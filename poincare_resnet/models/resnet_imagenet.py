@@ -16,6 +16,7 @@ midpoint batch norm, tangent ReLU, Möbius residual; settings :class:`PoincareLa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -29,6 +30,7 @@ from .resnet import (
     _EuclideanNet,
     _PoincareBlock,
     _PoincareNet,
+    _ResNetBase,
     check_widths,
     hybrid_head,
     make_stages,
@@ -128,7 +130,7 @@ class EuclideanBottleneck(nn.Module):
         return self.relu(f + self.shortcut(x))
 
 
-class _ImageNetTopology:
+class _ImageNetTopology(_ResNetBase):
     """Depth, widths, stem and the stage layout shared by the three families."""
 
     num_stages = 4
@@ -138,9 +140,19 @@ class _ImageNetTopology:
     ) -> tuple[str, tuple[int, ...], dict[str, Any]]:
         kind, counts = arch(depth)
         geometry = stem_geometry(stem)
-        self.depth, self.widths, self.stem_kind = depth, check_widths(widths, 4), stem
-        self.num_classes, self.in_chans = num_classes, in_chans
+        self._set_topology(depth, widths, num_classes, in_chans)
+        self.stem_kind = stem
         return kind, counts, geometry
+
+    def _setup_stages(
+        self, counts: tuple[int, ...], block: type[nn.Module], make_block: Callable
+    ) -> int:
+        """``layer1 … layer4`` of ``make_block(c_in, width, stride)`` blocks (``block``'s
+        expansion); returns the channels of the last stage."""
+        expansion = block.expansion
+        stages = make_stages(self.widths, counts, make_block, expansion)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        return self.widths[3] * expansion
 
 
 class PoincareImageNetResNet(_ImageNetTopology, _PoincareNet):
@@ -184,14 +196,10 @@ class PoincareImageNetResNet(_ImageNetTopology, _PoincareNet):
         cur, scale = self.curvature, lay.block_scale(sum(counts))
         block = PoincareBasicBlock if kind == "basic" else PoincareBottleneck
         self.stem = lay.stem(in_chans, self.widths[0], cur, **geometry)
-        stages = make_stages(
-            self.widths,
-            counts,
-            lambda cin, w, s: block(cin, w, s, cur, lay, scale),
-            block.expansion,
+        features = self._setup_stages(
+            counts, block, lambda cin, w, s: block(cin, w, s, cur, lay, scale)
         )
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self._setup_head(self.widths[3] * block.expansion, num_classes)
+        self._setup_head(features, num_classes)
 
 
 class EuclideanImageNetResNet(_ImageNetTopology, _EuclideanNet):
@@ -215,11 +223,8 @@ class EuclideanImageNetResNet(_ImageNetTopology, _EuclideanNet):
         lay = self._setup_layers(layers, options)
         block = EuclideanBasicBlock if kind == "basic" else EuclideanBottleneck
         self.stem = lay.stem(in_chans, self.widths[0], **geometry)
-        stages = make_stages(
-            self.widths, counts, lambda cin, w, s: block(cin, w, s, lay), block.expansion
-        )
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self._setup_head(self.widths[3] * block.expansion, num_classes, head)
+        features = self._setup_stages(counts, block, lambda cin, w, s: block(cin, w, s, lay))
+        self._setup_head(features, num_classes, head)
 
 
 class HybridImageNetResNet(EuclideanImageNetResNet):

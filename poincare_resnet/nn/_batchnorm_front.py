@@ -10,9 +10,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._kernels import _radial
+from ._closed_forms import _radial
 
-__all__ = ["BatchNormFront", "batchnorm_front", "centre", "check_per_channel", "rescale"]
+__all__ = [
+    "BatchNormFront",
+    "batchnorm_front",
+    "centre_from_bias",
+    "check_per_channel",
+    "rescale_from_variance",
+]
 
 
 def check_per_channel(v: Tensor, mu, beta_t: Tensor, weight: Tensor, var) -> None:
@@ -34,13 +40,13 @@ def check_per_channel(v: Tensor, mu, beta_t: Tensor, weight: Tensor, var) -> Non
             )
 
 
-def centre(beta_t: Tensor, c, t_max: float) -> Tensor:
+def centre_from_bias(beta_t: Tensor, c, t_max: float) -> Tensor:
     """``β = expmap0(bias)`` (the closed form's, ``√c‖bias‖`` capped at ``t_max``)."""
     b_alpha, _ = _radial(beta_t.pow(2).sum(), c**0.5, t_max)
     return beta_t * b_alpha
 
 
-def rescale(var: Tensor, weight: Tensor, bn_eps: float) -> Tensor:
+def rescale_from_variance(var: Tensor, weight: Tensor, bn_eps: float) -> Tensor:
     """``r = |weight| / √(σ² + eps)`` as a ``[1]`` tensor."""
     return (weight.abs() / torch.sqrt(var + bn_eps)).reshape(-1)[:1]
 
@@ -120,6 +126,6 @@ def batchnorm_front(
     if mu is None:
         return BatchNormFront(shape, flat, True, None, None, None)
     dtype = v.dtype
-    beta = centre(beta_t.to(dtype), c, t_max).contiguous()
-    r = rescale(var.to(dtype), weight.to(dtype), bn_eps)
+    beta = centre_from_bias(beta_t.to(dtype), c, t_max).contiguous()
+    r = rescale_from_variance(var.to(dtype), weight.to(dtype), bn_eps)
     return BatchNormFront(shape, flat, False, mu.reshape(-1).to(dtype).contiguous(), beta, r)

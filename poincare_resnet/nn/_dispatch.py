@@ -15,7 +15,7 @@ Each layer map has one module that picks its implementation (:mod:`.fc_map`,
    backward passes, the same algebra as the native kernels, on any device (GPUs, or the CPU with
    ``POINCARE_RESNET_NATIVE=0``), for a fixed curvature or a curvature tensor that needs no
    gradient;
-3. the autograd closed forms of :mod:`._kernels` only where 2 does not apply: a learnable
+3. the autograd closed forms of :mod:`._closed_forms` only where 2 does not apply: a learnable
    curvature that needs its gradient, and synchronised batch norm across processes (its
    all-reduce of the statistics is differentiable there; the Function does not all-reduce).
 

@@ -1,6 +1,6 @@
 """The Poincaré midpoint batch norm on CPU with native kernels (``_cpp/batchnorm.cpp``).
 
-The same map as :func:`._kernels.batchnorm_forward`, split at its two global reductions:
+The same map as :func:`._closed_forms.batchnorm_forward`, split at its two global reductions:
 
 1. ``v → (Σ γ² α v [C], Σ γ²)``: the gyromidpoint sums;
 2. ``μ`` from the sums and ``β = expmap0(bias)``: [C]-sized maths;
@@ -122,7 +122,7 @@ def native_batchnorm(
     proj_eps: float,
     t_max: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`._kernels.batchnorm_forward` with native kernels: ``(out, μ, σ², N)``.
+    """:func:`._closed_forms.batchnorm_forward` with native kernels: ``(out, μ, σ², N)``.
 
     Same map and arguments as :func:`.batchnorm_map.batchnorm` (without ``all_reduce``); check
     :func:`native_batchnorm_applicable` first.

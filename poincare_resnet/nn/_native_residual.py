@@ -1,6 +1,6 @@
 """The Poincaré residual through the native CPU kernel ``poincare_resnet/_cpp/residual.cpp``.
 
-Same map as :func:`._kernels.residual_forward` (``logmap0(expmap0(α f) ⊕ expmap0(res))``, or
+Same map as :func:`._closed_forms.residual_forward` (``logmap0(expmap0(α f) ⊕ expmap0(res))``, or
 ``res ⊕ f``, along dim 1), computed in three passes over each block of pixels; the backward is
 hand-written in the kernel and recomputes the forward from the saved inputs ``f`` and ``res``
 (nothing else is kept). Used for CPU float32/float64 maps with a fixed (Python float) curvature;

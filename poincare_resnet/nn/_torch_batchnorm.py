@@ -95,8 +95,8 @@ def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r
     return k
 
 
-# ------------------------------------------------------------------ stage 1: x, d and m = A d − B μ
-def _stage1a(n2: Tensor, k) -> Scalars:
+# ---------------------------------------------------------------- centre: x, d and m = A d − B μ
+def _centre_expmap(n2: Tensor, k) -> Scalars:
     s = Scalars()
     s.n2 = n2
     s.n = n2.clamp_min(_MN2).sqrt()
@@ -108,7 +108,7 @@ def _stage1a(n2: Tensor, k) -> Scalars:
     return s
 
 
-def _stage1b(s, d2: Tensor, k) -> None:
+def _centre_coefficients(s, d2: Tensor, k) -> None:
     s.d2 = d2
     cd2 = k.c * d2
     s.den_raw = k.omm * s.omx + cd2
@@ -117,7 +117,7 @@ def _stage1b(s, d2: Tensor, k) -> None:
     s.B = cd2 * s.inv_den
 
 
-def _stage1_back(s, k, g_A, g_B, s_v, dv, G) -> tuple[Tensor, Tensor]:
+def _centre_backward(s, k, g_A, g_B, s_v, dv, G) -> tuple[Tensor, Tensor]:
     """Adjoints of (A, B) → adjoints of (‖v‖², ‖d‖²); the ‖μ‖² part into ``G``."""
     inv = s.inv_den
     g_den = -(s.A * g_A + s.B * g_B) * inv
@@ -134,21 +134,21 @@ def _stage1_back(s, k, g_A, g_B, s_v, dv, G) -> tuple[Tensor, Tensor]:
     return g_n2, gd2
 
 
-def front(v: Tensor, mu: Tensor, beta: Tensor, k, g=None, dots: bool = False, stage1=None):
-    """Per-pixel inner products and stage 1: ``(s, d)`` with ``s`` the [B, 1, P] scalars.
+def pixel_products(v: Tensor, mu: Tensor, beta: Tensor, k, g=None, dots: bool = False, centre=None):
+    """Per-pixel inner products and the centre: ``(s, d)`` with ``s`` the [B, 1, P] scalars.
 
     ``dots``: also ``⟨v, μ⟩, ⟨v, β⟩, ⟨d, v⟩`` and, with the output gradient ``g``,
-    ``⟨g, μ⟩, ⟨g, β⟩, ⟨g, v⟩, ⟨g, d⟩`` (the backward's products). ``stage1``: the stage-1a
+    ``⟨g, μ⟩, ⟨g, β⟩, ⟨g, v⟩, ⟨g, d⟩`` (the backward's products). ``centre``: the centre_expmap
     scalars of ``v`` if already computed."""
     basis = torch.stack([mu, beta])
-    s = _stage1a(_sq(v), k) if stage1 is None else stage1
+    s = _centre_expmap(_sq(v), k) if centre is None else centre
     if dots:
         pv = _proj(basis, v)
         s.vm, s.vb = pv[:, :1], pv[:, 1:]
     d = torch.addcmul(-mu.view(1, -1, 1), s.ax, v)
     pd = _proj(basis, d)
     s.dmu, s.db = pd[:, :1], pd[:, 1:]
-    _stage1b(s, _sq(d), k)
+    _centre_coefficients(s, _sq(d), k)
     A, B = s.A, s.B
     s.q = A * A * s.d2 - 2 * A * B * s.dmu + B * B * k.m2
     s.mm = A * s.dmu - B * k.m2
@@ -166,7 +166,7 @@ def front(v: Tensor, mu: Tensor, beta: Tensor, k, g=None, dots: bool = False, st
     return s, d
 
 
-# ------------------------------------------------------------------ stage 2: the rest, per pixel
+# ---------------------------------------------------------------- pixel output: the rest, per pixel
 def _quad(k, cm, cw, cb, mnn, mm, mb) -> Tensor:
     """``‖cm μ + cw m + cb β‖²`` from the Gram entries."""
     return (
@@ -177,7 +177,7 @@ def _quad(k, cm, cw, cb, mnn, mm, mb) -> Tensor:
     )
 
 
-def stage2(s, k, out: bool = True) -> None:
+def pixel_output(s, k, out: bool = True) -> None:
     """From ``‖m‖², ⟨m, μ⟩, ⟨m, β⟩`` to ``at`` (and, with ``out``, the output coefficients)."""
     s.mn0 = s.q.clamp_min(_MN2).sqrt()
     s.big = _ind(s.mn0, torch.gt, k.radius)
@@ -216,8 +216,21 @@ def stage2(s, k, out: bool = True) -> None:
     s.lg = torch.atanh(s.s) * s.inv_scon
 
 
-def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
-    """Reverse of the output part of stage 2, from the adjoints of ``k_μ = lg·o_μ``,
+def _quad_backward(k, s, g, cm, cw, cb, G):
+    """Reverse of ``q = _quad(k, cm, cw, cb, s.mnn, s.mm, s.mb)`` for the adjoint ``g`` of ``q``:
+    ``(g_cm, g_cw, g_cb, g_mnn, g_mm, g_mb)``; the adjoints of ``‖μ‖², ‖β‖², ⟨β, μ⟩`` are
+    accumulated into ``G``."""
+    g_cm = 2 * g * (cm * k.m2 + cw * s.mm + cb * k.bm)
+    g_cw = 2 * g * (cw * s.mnn + cm * s.mm + cb * s.mb)
+    g_cb = 2 * g * (cb * k.b2 + cm * k.bm + cw * s.mb)
+    G["m2"] = G["m2"] + g * cm * cm
+    G["b2"] = G["b2"] + g * cb * cb
+    G["bm"] = G["bm"] + 2 * g * cm * cb
+    return g_cm, g_cw, g_cb, g * cw * cw, 2 * g * cm * cw, 2 * g * cw * cb
+
+
+def _pixel_output_backward_out(s, k, g_kmu, g_kb, g_kw, G):
+    """Reverse of the output part of pixel_output, from the adjoints of ``k_μ = lg·o_μ``,
     ``k_β = lg·o_β``, ``k_w = lg·o_w``: ``(g_q, g_mm, g_mb, g_u, g_shrink, g_at)``; the global
     scalars' adjoints (``‖μ‖², ‖β‖², ⟨β, μ⟩``, gd, B₂, ⟨u, v⟩, r) accumulated into ``G``."""
     c, c2 = k.c, k.c2
@@ -229,15 +242,8 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_scon = g_scon + _where0(_ind(s.scon, torch.le, k.s_max), g_s)
     g_on = k.sc * g_scon
     g_o2 = _where0(_ind(s.o2, torch.ge, _MN2), g_on / (2 * s.on))
-    g_omu = g_omu + 2 * g_o2 * (s.o_mu * m2 + s.o_w * s.mm + s.o_b * bm)
-    g_ow = g_ow + 2 * g_o2 * (s.o_w * s.mnn + s.o_mu * s.mm + s.o_b * s.mb)
-    g_ob = g_ob + 2 * g_o2 * (s.o_b * b2 + s.o_mu * bm + s.o_w * s.mb)
-    G["m2"] = G["m2"] + g_o2 * s.o_mu * s.o_mu
-    G["b2"] = G["b2"] + g_o2 * s.o_b * s.o_b
-    G["bm"] = G["bm"] + 2 * g_o2 * s.o_mu * s.o_b
-    g_mnn = g_o2 * s.o_w * s.o_w
-    g_mm = 2 * g_o2 * s.o_mu * s.o_w
-    g_mb = 2 * g_o2 * s.o_w * s.o_b
+    d_mu, d_w, d_b, g_mnn, g_mm, g_mb = _quad_backward(k, s, g_o2, s.o_mu, s.o_w, s.o_b, G)
+    g_omu, g_ow, g_ob = g_omu + d_mu, g_ow + d_w, g_ob + d_b
     inv = s.inv_den2
     g_a2 = g_ob * inv
     g_eb = g_ob * k.big_b2 * inv
@@ -249,15 +255,9 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     g_bw = (2 * c) * (g_d2r + g_a2)
     g_w2 = (c2 * b2) * g_d2r + c * g_a2
     G["b2"] = G["b2"] + c2 * s.w2 * g_d2r
-    g_emu = g_emu + 2 * g_w2 * (s.e_mu * m2 + s.e_w * s.mm + s.e_b * bm)
-    g_ew = g_ew + 2 * g_w2 * (s.e_w * s.mnn + s.e_mu * s.mm + s.e_b * s.mb)
-    g_eb = g_eb + 2 * g_w2 * (s.e_b * b2 + s.e_mu * bm + s.e_w * s.mb)
-    G["m2"] = G["m2"] + g_w2 * s.e_mu * s.e_mu
-    G["b2"] = G["b2"] + g_w2 * s.e_b * s.e_b
-    G["bm"] = G["bm"] + 2 * g_w2 * s.e_mu * s.e_b
-    g_mnn = g_mnn + g_w2 * s.e_w * s.e_w
-    g_mm = g_mm + 2 * g_w2 * s.e_mu * s.e_w
-    g_mb = g_mb + 2 * g_w2 * s.e_w * s.e_b
+    d_mu, d_w, d_b, d_nn, d_mm, d_mb = _quad_backward(k, s, g_w2, s.e_mu, s.e_w, s.e_b, G)
+    g_emu, g_ew, g_eb = g_emu + d_mu, g_ew + d_w, g_eb + d_b
+    g_mnn, g_mm, g_mb = g_mnn + d_nn, g_mm + d_mm, g_mb + d_mb
     g_emu = g_emu + g_bw * bm
     g_ew = g_ew + g_bw * s.mb
     g_eb = g_eb + g_bw * b2
@@ -287,7 +287,7 @@ def _stage2_back_out(s, k, g_kmu, g_kb, g_kw, G):
     return g_q, g_mm, g_mb, g_u, g_shrink, g_at
 
 
-def _stage2_back_tail(s, k, g_u, g_shrink, g_at) -> Tensor:
+def _pixel_output_backward_tail(s, k, g_u, g_shrink, g_at) -> Tensor:
     """Reverse of ``at = atanh(√c‖project(m)‖)`` (linear in its seeds): the adjoint of ‖m‖²."""
     uc = s.u.clamp_max(k.s_max)
     g_u = g_u + _where0(_ind(s.u, torch.le, k.s_max), g_at / (1 - uc * uc))
@@ -316,8 +316,8 @@ def _reduce_globals(G: dict, k, mu: Tensor, beta: Tensor):
 
 def map_forward(v: Tensor, mu: Tensor, beta: Tensor, k) -> Tensor:
     """The output map ``out = k_μ μ + k_β β + k_w m`` for ``v [B, C, P]``."""
-    s, d = front(v, mu, beta, k)
-    stage2(s, k)
+    s, d = pixel_products(v, mu, beta, k)
+    pixel_output(s, k)
     return _output(s, d, mu, beta)
 
 
@@ -335,22 +335,22 @@ def map_backward(v, g, mu, beta, k, var_seed=None):
     Returns ``(grad_v_parts, ∂μ [C], ∂β [C], ∂r, s)`` with ``grad_v_parts`` a function
     ``(extra basis, extra coefficients, extra v coefficient) → ∂v`` so that the midpoint's
     gradient joins the same final pass."""
-    s, d = front(v, mu, beta, k, g=g, dots=True)
-    stage2(s, k)
+    s, d = pixel_products(v, mu, beta, k, g=g, dots=True)
+    pixel_output(s, k)
     G = dict.fromkeys(_GLOBALS, 0.0)
     k_mu, k_b, k_w = s.lg * s.o_mu, s.lg * s.o_b, s.lg * s.o_w
-    g_q, g_mm, g_mb, g_u, g_shrink, g_at = _stage2_back_out(s, k, s.g_mu, s.g_b, s.g_m, G)
+    g_q, g_mm, g_mb, g_u, g_shrink, g_at = _pixel_output_backward_out(s, k, s.g_mu, s.g_b, s.g_m, G)
     g_var_s = None
     if var_seed is not None:
         g_var_s = var_seed(G["r"].sum())
         g_at = g_at + 2 * g_var_s * s.at
-    g_q = g_q + _stage2_back_tail(s, k, g_u, g_shrink, g_at)
+    g_q = g_q + _pixel_output_backward_tail(s, k, g_u, g_shrink, g_at)
     two_gq = 2 * g_q
     A, B, ax = s.A, s.B, s.ax
     s_d = k_w * s.g_d + two_gq * s.md + g_mm * s.dmu + g_mb * s.db
     s_mu = k_w * s.g_mu + two_gq * s.mm + g_mm * k.m2 + g_mb * k.bm
     s_v = k_w * s.g_v + two_gq * s.mv + g_mm * s.vm + g_mb * s.vb
-    g_n2, g_d2 = _stage1_back(s, k, s_d, -s_mu, s_v, s.dv, G)
+    g_n2, g_d2 = _centre_backward(s, k, s_d, -s_mu, s_v, s.dv, G)
     two_gd2 = 2 * g_d2
     # per channel, with m = A d − B μ:  gm = 2g_q m + g_mm μ + k_w g + g_mb β,
     # gd = A gm + 2 g_d2 d,  ∂v = ax gd + 2 g_n2 v,  ∂μ += g_mm m + k_μ g − gd − B gm,
@@ -387,8 +387,8 @@ def map_backward(v, g, mu, beta, k, var_seed=None):
 
 
 # ------------------------------------------------------------------ [C]-sized train-mode maths
-def midpoint(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
-    """``μ`` from the sums (the closed form's ``midpoint_from_sums``), with its intermediates."""
+def midpoint_from_sums(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
+    """``μ`` from the sums (as the closed form's, and the C++ one), with its intermediates."""
     z = Scalars()
     z.s1 = s1
     z.s0 = s0
@@ -408,7 +408,7 @@ def midpoint(s1: Tensor, s0: Tensor, count: float, c: Scalar, proj_eps: float):
     return z
 
 
-def midpoint_back(z, g_mu: Tensor) -> tuple[Tensor, Tensor]:
+def midpoint_from_sums_backward(z, g_mu: Tensor) -> tuple[Tensor, Tensor]:
     """Adjoint of μ → adjoints of ``(Σγ²x [C], Σγ²)``."""
     g_normc = -(g_mu * z.mu0).sum() * z.radius / (z.normc * z.normc)
     g_normc = torch.where(z.norm0 >= MIN_NORM, g_normc, torch.zeros_like(g_normc))
@@ -430,12 +430,12 @@ def _gamma_weight(s) -> tuple[Tensor, Tensor]:
 
 
 def midpoint_sums(v: Tensor, s) -> tuple[Tensor, Tensor]:
-    """``(Σ γ² x [C], Σ γ²)`` from the stage-1 scalars of ``v``."""
+    """``(Σ γ² x [C], Σ γ²)`` from the centre scalars of ``v``."""
     g2, w = _gamma_weight(s)
     return _chan_sums(v, w)[0], g2.sum()
 
 
-def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Tensor, Tensor]:
+def midpoint_sums_backward(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Tensor, Tensor]:
     """Backward of :func:`midpoint_sums` as ``(w [B, 1, P], coefficient on v)``:
     ``∂v = w·g_s1 + coef·v``."""
     g2, w = _gamma_weight(s)
@@ -450,7 +450,7 @@ def midpoint_sums_back(v: Tensor, s, k, g_s1: Tensor, g_s0: Tensor) -> tuple[Ten
 
 
 def _scalar_consts(c: Scalar, t_max: float):
-    """The constants stage 1a needs (before μ exists)."""
+    """The constants _centre_expmap needs (before μ exists)."""
     k = Scalars()
     k.c = c
     k.sc = c**0.5
@@ -470,18 +470,18 @@ class TorchTrainBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v, beta, weight, c, bn_eps, proj_eps, t_max):  # type: ignore[override]
         k0 = _scalar_consts(c, t_max)
-        s = _stage1a(_sq(v), k0)
+        s = _centre_expmap(_sq(v), k0)
         s1, s0 = midpoint_sums(v, s)
         count = v.shape[0] * v.shape[2]
-        z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
+        z = midpoint_from_sums(s1.double(), s0.double(), count, c, proj_eps)
         mu = z.mu.to(v.dtype)
         k = consts(mu, beta, c, t_max, proj_eps, None)
-        s, d = front(v, mu, beta, k, stage1=s)  # the variance and the output share d
-        stage2(s, k, out=False)
+        s, d = pixel_products(v, mu, beta, k, centre=s)  # the variance and the output share d
+        pixel_output(s, k, out=False)
         S = s.at.square().sum()
         var = S.double() * (4 / c) / count
         k.r = (weight.double().abs().reshape(-1)[0] / torch.sqrt(var + bn_eps)).to(v.dtype)
-        stage2(s, k)
+        pixel_output(s, k)
         out = _output(s, d, mu, beta)
         ctx.save_for_backward(v, beta, weight, s1, s0, S)
         ctx.args = (c, bn_eps, proj_eps, t_max)
@@ -494,7 +494,7 @@ class TorchTrainBatchNorm(torch.autograd.Function):
         v, beta, weight, s1, s0, S = ctx.saved_tensors
         c, bn_eps, proj_eps, t_max = ctx.args
         count = v.shape[0] * v.shape[2]
-        z = midpoint(s1.double(), s0.double(), count, c, proj_eps)
+        z = midpoint_from_sums(s1.double(), s0.double(), count, c, proj_eps)
         mu = z.mu.to(v.dtype)
         var = S.double() * (4 / c) / count
         w = weight.double().reshape(-1)[0]
@@ -510,9 +510,9 @@ class TorchTrainBatchNorm(torch.autograd.Function):
             return (g_var * 4 / (c * count)).to(v.dtype)
 
         grad_v, g_mu, g_beta, _, s = map_backward(v, grad, mu, beta, k, var_seed)
-        g_s1, g_s0 = midpoint_back(z, g_mu.double())
+        g_s1, g_s0 = midpoint_from_sums_backward(z, g_mu.double())
         g_s1 = g_s1.to(v.dtype)
-        w_mid, cv_mid = midpoint_sums_back(v, s, k, g_s1, g_s0.to(v.dtype))
+        w_mid, cv_mid = midpoint_sums_backward(v, s, k, g_s1, g_s0.to(v.dtype))
         gv = grad_v(g_s1.view(1, -1), w_mid, cv_mid) if ctx.needs_input_grad[0] else None
         g_w = box["g_w"].to(weight.dtype).expand(weight.shape).clone()
         return gv, g_beta, g_w, None, None, None, None
@@ -562,11 +562,11 @@ def torch_batchnorm(
     proj_eps: float,
     t_max: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`._kernels.batchnorm_forward` by the functions above: ``(out, μ, σ², N)``.
+    """:func:`._closed_forms.batchnorm_forward` by the functions above: ``(out, μ, σ², N)``.
 
     ``mu``/``var`` ``None``: batch statistics (gradients flow through them into ``v``; the
     returned μ and σ² are detached); otherwise the given running statistics."""
-    from ._kernels import batchnorm_forward
+    from ._closed_forms import batchnorm_forward
 
     if isinstance(c, Tensor):
         c = c.reshape(()).to(v.dtype)

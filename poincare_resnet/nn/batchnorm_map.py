@@ -4,7 +4,7 @@
 kernels (:func:`._triton.batchnorm`, eager CUDA), the native kernels
 (:func:`._native_batchnorm.native_batchnorm`, CPU), the PyTorch path
 (:func:`._torch_batchnorm.torch_batchnorm`) or the closed form
-(:func:`._kernels.batchnorm_forward`: synchronised batch norm, a learnable curvature). All give
+(:func:`._closed_forms.batchnorm_forward`: synchronised batch norm, a learnable curvature). All give
 the same values. The native and PyTorch wrappers share their front end
 (:func:`._batchnorm_front.batchnorm_front`).
 """
@@ -15,8 +15,8 @@ import torch
 
 from . import _triton
 from ._batchnorm_front import check_per_channel
+from ._closed_forms import batchnorm_forward
 from ._dispatch import check_curvature, full_precision, no_autocast, use_triton
-from ._kernels import batchnorm_forward
 from ._native_batchnorm import native_batchnorm, native_batchnorm_applicable
 from ._torch_batchnorm import torch_batchnorm, torch_batchnorm_applicable
 
@@ -24,7 +24,7 @@ __all__ = ["batchnorm"]
 
 
 def batchnorm(v, mu, beta_t, weight, var, c, bn_eps, proj_eps, t_max, all_reduce):
-    """The Poincaré midpoint batch norm (:func:`._kernels.batchnorm_forward`) by the fastest
+    """The Poincaré midpoint batch norm (:func:`._closed_forms.batchnorm_forward`) by the fastest
     implementation that applies.
 
     With ``x_i = expmap0(v_i)`` over the ``N = B·H·W`` positions::

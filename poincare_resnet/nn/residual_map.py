@@ -3,8 +3,8 @@
 :func:`residual` is the layer's entry point; it picks (see :mod:`._dispatch`) the Triton kernels
 (:func:`._triton.residual`, eager CUDA), the native kernel
 (:func:`._native_residual.native_residual`, CPU), the PyTorch path
-(:func:`._torch_residual.torch_residual`) or the closed form (:func:`._kernels.residual_forward`:
-a learnable curvature). All give the same values.
+(:func:`._torch_residual.torch_residual`) or the closed form
+(:func:`._closed_forms.residual_forward`: a learnable curvature). All give the same values.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import _triton
+from ._closed_forms import residual_forward
 from ._dispatch import check_curvature, check_scalar, full_precision, no_autocast, use_triton
-from ._kernels import residual_forward
 from ._native_residual import native_residual, native_residual_applicable
 from ._torch_residual import torch_residual, torch_residual_applicable
 

@@ -4,10 +4,10 @@ Each entry point has the signature of the PyTorch path it replaces and computes 
 
 * :func:`fc_tangent` — :func:`poincare_resnet.ball.fc_tangent` (``dim`` the channel axis of a
   4-D ``[B, K, H, W]`` or 2-D ``[N, K]`` map);
-* :func:`batchnorm` — :func:`poincare_resnet.nn._kernels.batchnorm_forward` (train mode with
+* :func:`batchnorm` — :func:`poincare_resnet.nn._closed_forms.batchnorm_forward` (train mode with
   ``mu = var = None``: batch statistics, gradients through μ and σ²; eval mode: the given
   running statistics), returning ``(out, μ, σ², count)``;
-* :func:`residual` — :func:`poincare_resnet.nn._kernels.residual_forward`.
+* :func:`residual` — :func:`poincare_resnet.nn._closed_forms.residual_forward`.
 
 Forward and backward of each are Triton kernels (the [C]-sized maths between the reductions is
 PyTorch); they save only their inputs and per-channel statistics, and never synchronise with the

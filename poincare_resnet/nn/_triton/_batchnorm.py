@@ -1,6 +1,6 @@
-"""Triton kernels of the Poincaré midpoint batch norm (:func:`.._kernels.batchnorm_forward`).
+"""Triton kernels of the Poincaré midpoint batch norm (:func:`.._closed_forms.batchnorm_forward`).
 
-Per pixel (the chain of ``_cpp/batchnorm.cpp``, whose stages these kernels port)::
+Per pixel (the chain of ``_cpp/batchnorm_pixel.h``, which these kernels port)::
 
     x = expmap0(v) = ax v,   d = x − μ,   m = (−μ) ⊕ x = A d − B μ   (formed from d explicitly)
     A = (1 − c‖μ‖²)/den,  B = c‖d‖²/den,  den = (1 − c‖μ‖²)(1 − c‖x‖²) + c‖d‖²
@@ -31,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ...ball.config import MIN_NORM
-from .._batchnorm_front import centre, rescale
-from .._kernels import midpoint_from_sums
+from .._batchnorm_front import centre_from_bias, rescale_from_variance
+from .._closed_forms import midpoint_from_sums
 from ._layout import check_channel, check_curvature, check_map, layout_or_none, pixel_blocks
 from ._math import atanh_pos, tanh_pos
 from ._tiles import channel_column, dense_like, grad_map, program_block, store_tile, tile, tile0
@@ -52,7 +52,7 @@ def _globals(glob_ptr, r_ptr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _front(
+def _pixel_products(
     v_ptr, mu_ptr, be_ptr, g_ptr, b, pix, vsb, vsc, vsp, gsb, gsc, gsp, C, P, m2, bm,
     C_: tl.constexpr, SC: tl.constexpr, T_MAX: tl.constexpr, MN: tl.constexpr,
     HAS_BETA: tl.constexpr, DOTS: tl.constexpr, HAS_G: tl.constexpr,
@@ -76,7 +76,7 @@ def _front(
                 g_mu += tl.sum(g * muc, axis=0)
                 g_b += tl.sum(g * bc, axis=0)
                 g_v += tl.sum(g * x, axis=0)
-    # stage 1a: x = ax v
+    # centre_expmap: x = ax v
     n = tl.sqrt(tl.maximum(n2, MN * MN))
     t = SC * n
     inv_t = 1.0 / t
@@ -99,7 +99,7 @@ def _front(
             if HAS_G:
                 g = tile0(g_ptr, b, ch, pix, gsb, gsc, gsp, C, P)
                 g_d += tl.sum(g * d, axis=0)
-    # stage 1b: m = A d − B μ, and the products of m from those of d
+    # centre_coefficients: m = A d − B μ, and the products of m from those of d
     omm = 1.0 - C_ * m2
     cd2 = C_ * d2
     den_raw = omm * omx + cd2
@@ -129,7 +129,7 @@ def _quad(cm, cw, cb, mnn, mm, mb, m2, b2, bm):
 
 
 @triton.jit
-def _stage2(
+def _pixel_output(
     q, mm, mb, m2, b2, bm, r, C_: tl.constexpr, SC: tl.constexpr, S_MAX: tl.constexpr,
     MN: tl.constexpr, KOUT: tl.constexpr,
 ):  # fmt: skip
@@ -196,12 +196,12 @@ def _gram_adjoint(g, k_mu, k_w, k_b, m2, mm, bm, mnn, mb, b2):
 
 
 @triton.jit
-def _stage2_back(
+def _pixel_output_backward(
     q, mm, mb, m2, b2, bm, r, head, tail, outs, g_kmu, g_kb, g_kw, g_at_seed,
     C_: tl.constexpr, SC: tl.constexpr, S_MAX: tl.constexpr, MN: tl.constexpr,
     KOUT: tl.constexpr,
 ):  # fmt: skip
-    """Reverse of :func:`_stage2`: adjoints of q, ⟨m, μ⟩, ⟨m, β⟩ and of the globals."""
+    """Reverse of :func:`_pixel_output`: adjoints of q, ⟨m, μ⟩, ⟨m, β⟩ and of the globals."""
     mn0, big, shrink, mn, u, at, gd, big_b2 = head
     inv_u, thr, s_w, mnn, uw, vw, e_mu, e_w, e_b, bw, w2, den2_raw, inv_den2 = tail
     o_b, o_mu, o_w, o2, on, scon, inv_scon, s, lg = outs
@@ -275,9 +275,9 @@ def _stage2_back(
 
 
 @triton.jit
-def _stage1_back(s1, m2, g_A, g_B, s_v, dv, C_: tl.constexpr, SC: tl.constexpr,
+def _centre_backward(s1, m2, g_A, g_B, s_v, dv, C_: tl.constexpr, SC: tl.constexpr,
                  T_MAX: tl.constexpr, MN: tl.constexpr):  # fmt: skip
-    """Reverse of stage 1: adjoints of ‖v‖², ‖d‖² and (through 1 − c‖μ‖²) of ‖μ‖²."""
+    """Reverse of the centre: adjoints of ‖v‖², ‖d‖² and (through 1 − c‖μ‖²) of ‖μ‖²."""
     n2, n, t, inv_t, th, ax, omx, d2, den_raw, inv_den, A, B = s1
     omm = 1.0 - C_ * m2
     g_den = -(A * g_A + B * g_B) * inv_den
@@ -300,13 +300,13 @@ def bn_out_kernel(
 ):  # fmt: skip
     b, pid, pix = program_block(BLOCK_P)
     m2, b2, bm, r = _globals(glob_ptr, r_ptr, BLOCK_P)
-    s1, dots = _front(
+    s1, dots = _pixel_products(
         v_ptr, mu_ptr, be_ptr, v_ptr, b, pix, vsb, vsc, vsp, vsb, vsc, vsp, C, P, m2, bm, C_, SC,
         T_MAX, MN, True, False, False, BLOCK_C, BLOCK_P,
     )  # fmt: skip
     ax, A, B = s1[5], s1[10], s1[11]
     q, mm, mb = dots[9], dots[10], dots[11]
-    head, tail, outs = _stage2(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, True)
+    head, tail, outs = _pixel_output(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, True)
     o_b, o_mu, o_w, lg = outs[0], outs[1], outs[2], outs[8]
     k_mu, k_b, k_w = lg * o_mu, lg * o_b, lg * o_w
     for c0 in range(0, C, BLOCK_C):
@@ -327,11 +327,11 @@ def bn_var_kernel(
 ):  # fmt: skip
     b, pid, pix = program_block(BLOCK_P)
     m2 = _globals(glob_ptr, glob_ptr, BLOCK_P)[0]
-    s1, dots = _front(
+    s1, dots = _pixel_products(
         v_ptr, mu_ptr, mu_ptr, v_ptr, b, pix, vsb, vsc, vsp, vsb, vsc, vsp, C, P, m2, m2, C_, SC,
         T_MAX, MN, False, False, False, BLOCK_C, BLOCK_P,
     )  # fmt: skip
-    head = _stage2(dots[9], dots[10], dots[11], m2, m2, m2, m2, C_, SC, S_MAX, MN, False)[0]
+    head = _pixel_output(dots[9], dots[10], dots[11], m2, m2, m2, m2, C_, SC, S_MAX, MN, False)[0]
     at = head[5]
     tl.store(part_ptr + pid, tl.sum(tl.where(pix < P, at * at, 0.0), axis=0))
 
@@ -348,13 +348,13 @@ def bn_bwd_kernel(
     b, pid, pix = program_block(BLOCK_P)
     pm = pix < P
     m2, b2, bm, r = _globals(glob_ptr, r_ptr, BLOCK_P)
-    s1, dots = _front(
+    s1, dots = _pixel_products(
         v_ptr, mu_ptr, be_ptr, g_ptr, b, pix, vsb, vsc, vsp, gsb, gsc, gsp, C, P, m2, bm, C_, SC,
         T_MAX, MN, KOUT, True, KOUT, BLOCK_C, BLOCK_P,
     )  # fmt: skip
     dmu, db, dv, vm, vb, g_mu, g_b, g_v, g_d, q, mm, mb, md, mv, g_m = dots
     ax, A, B = s1[5], s1[10], s1[11]
-    head, tail, outs = _stage2(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, KOUT)
+    head, tail, outs = _pixel_output(q, mm, mb, m2, b2, bm, r, C_, SC, S_MAX, MN, KOUT)
     if KOUT:
         g_at = q * 0.0
         lg = outs[8]
@@ -362,14 +362,14 @@ def bn_bwd_kernel(
     else:
         g_at = tl.where(pm, 2.0 * head[5] * tl.load(gs_ptr), 0.0)
         k_mu, k_b, k_w = g_at * 0.0, g_at * 0.0, g_at * 0.0
-    g_q, g_mm, g_mb, G = _stage2_back(
+    g_q, g_mm, g_mb, G = _pixel_output_backward(
         q, mm, mb, m2, b2, bm, r, head, tail, outs, g_mu, g_b, g_m, g_at, C_, SC, S_MAX, MN, KOUT
     )
     two_gq = 2.0 * g_q
     s_d = k_w * g_d + two_gq * md + g_mm * dmu + g_mb * db
     s_mu = k_w * g_mu + two_gq * mm + g_mm * m2 + g_mb * bm
     s_v = k_w * g_v + two_gq * mv + g_mm * vm + g_mb * vb
-    g_n2, g_d2, gm2_omm = _stage1_back(s1, m2, s_d, -s_mu, s_v, dv, C_, SC, T_MAX, MN)
+    g_n2, g_d2, gm2_omm = _centre_backward(s1, m2, s_d, -s_mu, s_v, dv, C_, SC, T_MAX, MN)
     two_gn2, two_gd2 = 2.0 * g_n2, 2.0 * g_d2
     for c0 in range(0, C, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
@@ -593,7 +593,7 @@ def batchnorm(
     t_max: float,
     block_c: int = BLOCK_C,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """:func:`poincare_resnet.nn._kernels.batchnorm_forward` by the Triton kernels.
+    """:func:`poincare_resnet.nn._closed_forms.batchnorm_forward` by the Triton kernels.
 
     ``v`` is a 4-D ``[B, C, H, W]`` tangent map; ``mu`` ([C] ball point) and ``var`` the
     running statistics, or ``None`` for the batch ones (then gradients flow through them into
@@ -629,8 +629,8 @@ def batchnorm(
         if not isinstance(var, Tensor) or var.numel() != 1:
             raise ValueError(f"var must be a one-element tensor, got {getattr(var, 'shape', var)}")
         var = var.to(v.dtype)
-    beta = centre(beta_t, c, t_max)  # β = expmap0(bias)
-    r = rescale(var, weight.to(v.dtype), bn_eps)  # |weight| / √(σ² + eps), [1]
+    beta = centre_from_bias(beta_t, c, t_max)  # β = expmap0(bias)
+    r = rescale_from_variance(var, weight.to(v.dtype), bn_eps)  # |weight| / √(σ² + eps), [1]
     glob = torch.stack([m2, beta.pow(2).sum(), (beta * mu).sum()])
     out = BatchNormMap.apply(v, mu, beta, r, glob, c, proj_eps, t_max, block_c)
     return (

@@ -6,7 +6,7 @@ Per pixel, with the channel sums ``Sff = ‖f‖²``, ``Srr = ‖r‖²``, ``Sfr
     o = x ⊕ y = K f + cr r      (x, y = x_f, x_r; swapped when f_first is false)
     out = lg o,  lg = artanh(min(√c‖o‖, 1 − ε)) / (√c‖o‖)
 
-with the clamps of :func:`poincare_resnet.nn._kernels.residual_forward`; ``o`` is formed
+with the clamps of :func:`poincare_resnet.nn._closed_forms.residual_forward`; ``o`` is formed
 explicitly and its norm taken from it. The backward is the line-by-line adjoint of that
 straight-line code (as in ``_cpp/residual.cpp``). One program per (batch element, block of
 pixels); channel loops in blocks of ``BLOCK_C``; ``dL/dα`` goes through per-program partial sums.
@@ -297,7 +297,7 @@ def residual(
     block_c: int = BLOCK_C,
 ) -> Tensor:
     """The residual map by the Triton kernels; same signature and values as
-    :func:`poincare_resnet.nn._kernels.residual_forward` (``c`` a Python float; ``alpha`` a
+    :func:`poincare_resnet.nn._closed_forms.residual_forward` (``c`` a Python float; ``alpha`` a
     float, ``None`` (= 1) or a one-element tensor, which then receives a gradient)."""
     from ._layout import check_curvature
 

@@ -1,4 +1,4 @@
-"""Closed-form, few-pass kernels of the batch norm and the residual on tangent maps.
+"""Closed forms (few-pass autograd) of the batch norm and the residual on tangent maps.
 
 Every point these layers touch is a per-pixel linear combination of a few vectors (the input
 tangent ``V``, the batch mean ``μ``, the centre ``β``, the two residual inputs). So each Möbius
