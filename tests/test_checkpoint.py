@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _helpers import model_meta
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -295,14 +296,7 @@ def _nf_model_and_meta() -> tuple[nn.Module, dict]:
     model = create_model(
         "poincare_resnet20_nf", num_classes=10, in_chans=1, depth=8, widths=(4, 4, 4)
     )
-    meta = {
-        "model_name": model.model_name,
-        "model_kwargs": model.model_kwargs,
-        "model_config": model.model_config,
-        "dataset": "digits",
-        "dtype": "float32",
-    }
-    return model.eval(), meta
+    return model.eval(), model_meta(model)
 
 
 def _nf_model_meta_input_logits() -> tuple[nn.Module, dict, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 // Poincare midpoint batch norm on NCHW tangent maps: the passes over the map, forward and
 // hand-written backward, and their bindings.
 //
-// Per pixel (see poincare_resnet/nn/_kernels.py::batchnorm_forward, which this reproduces):
+// Per pixel (see poincare_resnet/nn/_closed_forms.py::batchnorm_forward, which this reproduces):
 //   x = expmap0(v) = ax v,   m = (-mu) (+) x = A (x - mu) - B mu   (formed explicitly),
 //   mn = |project(m)|,  at = atanh(sqrt(c) mn)   (d(x, mu) = 2 at / sqrt(c)),
 //   w = r (x) m = s_w m,  w' = gyr[beta, -mu] w = e_mu mu + e_w m + e_b beta,

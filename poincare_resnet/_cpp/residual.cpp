@@ -6,7 +6,7 @@
 //   out = logmap0(project(o)) = lg o,  lg = atanh(min(√c‖o‖, 1 − eps)) / (√c‖o‖)
 // The per-pixel scalars depend on the channel sums Sff = ‖f‖², Srr = ‖r‖², Sfr = ⟨f, r⟩ only;
 // o is formed explicitly and its norm taken from it, as the PyTorch closed form
-// (poincare_resnet/nn/_kernels.py::residual_forward) does, with the same clamps. The backward
+// (poincare_resnet/nn/_closed_forms.py::residual_forward) does, with the same clamps. The backward
 // is the line-by-line adjoint of that straight-line per-pixel code (the same operations
 // autograd differentiates), so both paths agree to rounding: ~1e-15 relative in float64,
 // ~1e-5 in float32 (tanh and atanh are evaluated from exp/log1p here, divisions by shared
