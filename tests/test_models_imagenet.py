@@ -118,7 +118,7 @@ def test_stem_option_sets_the_downsampling(family):
 def test_bad_depth_and_widths_are_rejected():
     with pytest.raises(ValueError, match=r"depth must be one of \[18, 34, 50, 101, 152\]"):
         create_model("poincare_resnet18", depth=20)
-    with pytest.raises(ValueError, match="widths must be 4 positive"):
+    with pytest.raises(ValueError, match="widths must be four positive"):
         create_model("euclidean_resnet50", widths=(8, 16, 32))
 
 
