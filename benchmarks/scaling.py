@@ -18,6 +18,10 @@ B/2 samples. Writes ``scaling.json``, ``scaling.md`` and ``scaling.png`` under `
     python benchmarks/scaling.py --out docs/results/scaling          # the full run
     python benchmarks/scaling.py --quick --out /tmp/scaling          # batch ÷4, 1 timed step
     python benchmarks/scaling.py --tiny --inline --out /tmp/scaling  # smoke test (seconds)
+    python benchmarks/scaling.py --axes resolution --labels "64×64" --out /tmp/r18  # one row
+
+``POINCARE_RESNET_FC_RECOMPUTE=0`` in the environment keeps the FC outputs for batch norm's
+backward (the behaviour before ``poincare_resnet.nn.conv_norm``), for before/after rows.
 
 Load-independent check of one train step (instruction counts; ``valgrind`` needed)::
 
@@ -366,6 +370,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test")
     p.add_argument("--inline", action="store_true", help="no child processes (smoke tests)")
     p.add_argument("--axes", default="width,depth,resolution")
+    p.add_argument(
+        "--labels", default=None, help="only the rows whose label contains one of these (comma)"
+    )
     p.add_argument("--steps", type=int, default=2, help="timed steps")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -394,6 +401,8 @@ def main(argv: list[str] | None = None) -> list[dict] | None:
     if args.callgrind:
         return _callgrind_main(args)
     configs = [c for c in (TINY if args.tiny else FULL) if c.axis in args.axes.split(",")]
+    if args.labels:
+        configs = [c for c in configs if any(k in c.label for k in args.labels.split(","))]
     if args.quick or args.tiny:
         args.steps, args.warmup = 1, min(args.warmup, 1)
         configs = [replace(c, batch=max(c.batch // 4, 4)) for c in configs]

@@ -28,6 +28,7 @@ from ..nn import (
     PoincareLinear,
     PoincareResidual,
     TangentReLU,
+    conv_norm,
 )
 
 NORMS = ("batch", "none")
@@ -256,7 +257,7 @@ class PoincareLayers:
         ]
         if max_pool:
             parts.append(TangentMaxPool2d(3, stride=2, padding=1))
-        return nn.Sequential(*parts)
+        return PoincareStem(*parts)
 
     def head(self, features: int, num_classes: int, cur: Curvature) -> tuple[nn.Module, nn.Module]:
         """Global pooling and the Poincaré FC head."""
@@ -264,6 +265,18 @@ class PoincareLayers:
             PoincareGlobalAvgPool2d(self.pool, c=cur),
             PoincareLinear(features, num_classes, c=cur, init=self.head_init or self.init),
         )
+
+
+class PoincareStem(nn.Sequential):
+    """``conv → BN → ReLU [→ max-pool]`` as an ``nn.Sequential`` (same parameter names), with
+    the conv → BN pair run by :func:`~poincare_resnet.nn.conv_norm` (the FC output is recomputed
+    in BN's backward rather than kept)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = conv_norm(self[0], self[1], x)
+        for layer in list(self)[2:]:
+            x = layer(x)
+        return x
 
 
 class TangentMaxPool2d(nn.MaxPool2d):
@@ -331,7 +344,7 @@ class PoincareBasicBlock(_PoincareBlock):
         self._setup_residual(cin, cout, stride, curvature, layers, scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        f = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        f = conv_norm(self.conv2, self.bn2, self.relu(conv_norm(self.conv1, self.bn1, x)))
         return self._merge(f, x)
 
 

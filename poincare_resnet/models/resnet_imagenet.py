@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..nn import Curvature
+from ..nn import Curvature, conv_norm
 from .resnet import (
     EuclideanBasicBlock,
     EuclideanLayers,
@@ -98,9 +98,9 @@ class PoincareBottleneck(_PoincareBlock):
         self._setup_residual(cin, cout, stride, curvature, layers, scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        f = self.relu(self.bn1(self.conv1(x)))
-        f = self.bn3(self.conv3(self.relu(self.bn2(self.conv2(f)))))
-        return self._merge(f, x)
+        f = self.relu(conv_norm(self.conv1, self.bn1, x))
+        f = self.relu(conv_norm(self.conv2, self.bn2, f))
+        return self._merge(conv_norm(self.conv3, self.bn3, f), x)
 
 
 class EuclideanBottleneck(nn.Module):

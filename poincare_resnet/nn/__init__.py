@@ -12,6 +12,7 @@ from .curvature import Curvature, as_curvature
 from .init import INITS, beta_concat_scale, init_poincare_weight
 from .linear import PoincareLinear, PoincareMLR
 from .pooling import PoincareGlobalAvgPool2d
+from .recompute import conv_norm, fc_recompute_enabled, set_fc_recompute
 from .residual import PoincareResidual
 
 __all__ = [
@@ -27,4 +28,7 @@ __all__ = [
     "TangentReLU",
     "PoincareGlobalAvgPool2d",
     "PoincareResidual",
+    "conv_norm",
+    "fc_recompute_enabled",
+    "set_fc_recompute",
 ]

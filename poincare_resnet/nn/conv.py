@@ -9,6 +9,7 @@ from torch.nn.modules.utils import _pair
 from .curvature import Curvature
 from .init import beta_concat_scale
 from .linear import _PoincareFCBase
+from .recompute import record_fc
 
 
 def box_sum(
@@ -82,7 +83,10 @@ class PoincareConv2d(_PoincareFCBase):
         s = self.scale
         dots = F.conv2d(u, zhat * s, None, self.stride, self.padding)  # s folded into the kernel
         sq = box_sum(u.pow(2).sum(1, keepdim=True), self.kernel_size, self.stride, self.padding)
-        return self._fc(dots, sq * (s * s), znorm, dim=1)
+        inputs = (dots, sq * (s * s), znorm)
+        out = self._fc(*inputs, dim=1)
+        record_fc(self, inputs, out)  # for conv_norm's recomputation (a no-op otherwise)
+        return out
 
     def extra_repr(self) -> str:
         return (
