@@ -59,7 +59,7 @@ def test_helpers():
 def test_init_norms(tmp_path):
     rows = run_experiment("init-norms", tmp_path, tiny=True, threads=1, log=_quiet)
     summary = _check_outputs(tmp_path, "init_norms")
-    assert {r["layer"] for r in rows} == {"linear", "conv"} and len(rows) == 8
+    assert {r["layer"] for r in rows} == {"linear", "conv"} and len(rows) == 10
     by = {(r["layer"], r["init"]): r for r in rows}
     assert set(rows[0]) >= {"layer", "init", "depth", "relative_norm"}
     assert all(r["depth"] == 10 for r in rows)
