@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
+from poincare_resnet import ball
+from poincare_resnet.ball.frechet import frechet_mean
+from poincare_resnet.experiments import run_experiment
+from poincare_resnet.experiments.bn_speed import (
+    SPEEDUPS,
+    VARIANTS,
+    allocator_peak_mib,
+    implementation,
+)
 from poincare_resnet.experiments.init_norms import _layer_stack, _random_tangents, norm_profile
-from poincare_resnet.nn import PoincareConv2d, PoincareLinear, compensated_gain
+from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d, PoincareLinear, compensated_gain
 from poincare_resnet.nn.init import COMPENSATED_NORM, beta_concat_scale, init_poincare_weight
 
 
@@ -74,3 +83,110 @@ def test_compensated_gain_limits_and_errors():
         kw = {"c": 0.1, "norm": 0.5, **bad}
         with pytest.raises(ValueError, match="c > 0 and norm > 0"):
             init_poincare_weight(torch.empty(4, 4, 3, 3), "identity-compensated", **kw)
+
+
+# --- bn-speed: the same-implementation comparison and the implementation speed-up -------------
+
+
+def _bn_map(dtype=torch.float64, shape=(6, 4, 5, 5)) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    return (0.5 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Any read of a tensor's value into Python (``float``, ``item``, ``bool``) raises; returns
+    the ``monkeypatch`` (``.undo()`` lifts it)."""
+
+    def refuse(self, *args):
+        raise AssertionError("host read of a tensor value")
+
+    for name in ("__float__", "item", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    return monkeypatch
+
+
+def test_fixed_step_frechet_equals_frechet_py_without_host_reads(no_host_reads):
+    # the same-implementation Fréchet batch norm: fixed steps, no host read in forward or
+    # backward, and the mean it uses is ball/frechet.py's converged one (float64, 1e-8)
+    u = _bn_map().requires_grad_(True)
+    bn = PoincareBatchNorm2d(4, mean="frechet", momentum=None, frechet_iters=8, frechet_tol=0.0)
+    bn = bn.double()
+    with implementation("reference"):
+        bn(u).pow(2).mean().backward()
+    no_host_reads.undo()
+    assert torch.isfinite(u.grad).all()
+    points = ball.expmap0(u.detach(), c=0.1, dim=1).permute(0, 2, 3, 1).reshape(-1, 4)
+    expected = ball.logmap0(frechet_mean(points, c=0.1), c=0.1)  # tol-based, 50 steps at most
+    torch.testing.assert_close(bn.running_mean, expected, rtol=0, atol=1e-8)
+    # it is the Fréchet mean, not the midpoint it starts from
+    midpoint = ball.logmap0(ball.gyromidpoint(points, c=0.1, dim=-1, reduce_dim=0), c=0.1)
+    assert (bn.running_mean - midpoint).abs().max() > 1e-6
+
+
+def test_tol_based_frechet_reads_the_host(no_host_reads):
+    # the check above can fail: the early-stopping Karcher loop reads each step's norm
+    bn = PoincareBatchNorm2d(4, mean="frechet", frechet_tol=1e-7).double()
+    with pytest.raises(AssertionError, match="host read"):
+        bn(_bn_map())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_midpoint_reference_equals_torch_path_and_fused_statistics(dtype):
+    # (b) compares implementations of one map: reference chain, PyTorch path, fused kernel
+    outs, stats = {}, {}
+    for impl in ("reference", "torch", "fused"):
+        u = _bn_map(dtype).requires_grad_(True)
+        bn = PoincareBatchNorm2d(4, momentum=None).to(dtype)
+        with implementation(impl):
+            out = bn(u)
+            out.pow(2).mean().backward()
+        outs[impl], stats[impl] = (out.detach(), u.grad), (bn.running_mean, bn.running_var)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-10}
+    for impl in ("torch", "fused"):
+        torch.testing.assert_close(stats[impl], stats["reference"], **tol)
+        torch.testing.assert_close(outs[impl], outs["reference"], **tol)
+
+
+def test_implementation_switch_restores_and_rejects():
+    from poincare_resnet import _cpp
+
+    before = (_cpp.native_enabled(), ball.manual_backward_enabled())
+    with implementation("torch"):
+        assert not _cpp.native_enabled() and ball.manual_backward_enabled()
+    with implementation("reference"):
+        assert not ball.manual_backward_enabled()
+    assert (_cpp.native_enabled(), ball.manual_backward_enabled()) == before
+    with pytest.raises(ValueError, match="unknown implementation 'native'"):
+        with implementation("native"):
+            pass
+
+
+def test_allocator_peak_counts_live_tensors():
+    def work():
+        a = torch.empty(2**20)  # 4 MiB
+        b = torch.empty(2**21)  # 8 MiB: 12 live
+        del a
+        c = torch.empty(2**20)  # 12 live again
+        return b, c
+
+    assert allocator_peak_mib(work, torch.device("cpu")) == pytest.approx(12.0, abs=0.01)
+
+
+def test_bn_speed_table_has_both_comparisons(tmp_path):
+    rows = run_experiment(
+        "bn-speed", tmp_path, tiny=True, train_runs=False, repeats=1, threads=1, log=lambda m: None
+    )
+    (r,) = rows
+    assert r["frechet_iters"] == 5 and r["frechet_step_norm"] < 1e-6  # converged in 5 steps
+    for prefix, _, _ in VARIANTS:
+        assert r[f"{prefix}_ms"] > 0 and r[f"{prefix}_peak_mib"] > 0
+    for name, slow, fast in SPEEDUPS:
+        assert r[f"{name}_speedup"] == pytest.approx(r[f"{slow}_ms"] / r[f"{fast}_ms"])
+        assert r[f"{name}_memory_ratio"] == pytest.approx(
+            r[f"{slow}_peak_mib"] / r[f"{fast}_peak_mib"]
+        )
+    # allocator bytes do not depend on load: the fused kernel keeps far less than the chain
+    assert r["implementation_memory_ratio"] > 2
+    table = (tmp_path / "bn_speed.md").read_text()
+    assert "algorithmic_speedup" in table and "implementation_speedup" in table
