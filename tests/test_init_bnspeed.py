@@ -16,7 +16,12 @@ from poincare_resnet.experiments.bn_speed import (
     allocator_peak_mib,
     implementation,
 )
-from poincare_resnet.experiments.init_norms import _layer_stack, _random_tangents, norm_profile
+from poincare_resnet.experiments.init_norms import (
+    _layer_stack,
+    _random_tangents,
+    interior,
+    norm_profile,
+)
 from poincare_resnet.nn import PoincareBatchNorm2d, PoincareConv2d, PoincareLinear, compensated_gain
 from poincare_resnet.nn.init import COMPENSATED_NORM, beta_concat_scale, init_poincare_weight
 
@@ -27,7 +32,7 @@ def _final_ratio(init: str, channels: int, dtype: torch.dtype, depth: int = 50) 
     u = _random_tangents((4, channels, 16, 16), 1, COMPENSATED_NORM, gen).to(dtype)
     torch.manual_seed(0)
     layers = [m.to(dtype) for m in _layer_stack("conv", init, False, depth, channels, 0.1)]
-    return norm_profile(layers, u, 1)[-1]
+    return norm_profile(layers, u, 1)[0][-1]
 
 
 @pytest.mark.parametrize(
@@ -39,6 +44,13 @@ def test_compensated_init_keeps_norms_through_50_convs(channels, dtype):
     assert 0.9 <= _final_ratio("identity-compensated", channels, dtype) <= 1.1
     assert _final_ratio("identity", channels, dtype) < 1e-3
     assert _final_ratio("center", channels, dtype, depth=10) < 1e-3
+
+
+def test_interior_is_the_central_half():
+    u = torch.arange(2 * 3 * 16 * 12, dtype=torch.float64).view(2, 3, 16, 12)
+    torch.testing.assert_close(interior(u), u[:, :, 4:12, 3:9])
+    v = torch.ones(5, 7)
+    assert interior(v) is v
 
 
 def _one_patch_ratio(channels: int, c: float, norm: float, gain: float) -> float:

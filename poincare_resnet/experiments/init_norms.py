@@ -58,7 +58,9 @@ def _random_tangents(
 
 
 @torch.no_grad()
-def norm_profile(layers: list[torch.nn.Module], u: torch.Tensor, dim: int) -> list[float]:
+def norm_profile(
+    layers: list[torch.nn.Module], u: torch.Tensor, dim: int
+) -> tuple[list[float], torch.Tensor]:
     """Mean tangent norm after each layer relative to the input's (entry 0 is the input: 1).
 
     Parameters
@@ -72,15 +74,23 @@ def norm_profile(layers: list[torch.nn.Module], u: torch.Tensor, dim: int) -> li
 
     Returns
     -------
-    list of float
-        ``len(layers) + 1`` ratios.
+    tuple
+        ``len(layers) + 1`` ratios, and the last layer's output.
     """
     base = mean_tangent_norm(u, dim)
     out = [1.0]
     for layer in layers:
         u = layer(u)
         out.append(mean_tangent_norm(u, dim) / base)
-    return out
+    return out, u
+
+
+def interior(u: torch.Tensor) -> torch.Tensor:
+    """The central half (in height and width) of a ``[B, C, H, W]`` map; vectors unchanged."""
+    if u.dim() != 4:
+        return u
+    h, w = u.shape[-2:]
+    return u[..., h // 4 : h - h // 4, w // 4 : w - w // 4]
 
 
 def run(
@@ -138,7 +148,8 @@ def run(
             for label, init, legacy in VARIANTS:
                 torch.manual_seed(seed)
                 layers = _layer_stack(kind, init, legacy, depth, width, c)
-                prof = norm_profile([m.to(dt) for m in layers], u, dim)
+                prof, last = norm_profile([m.to(dt) for m in layers], u, dim)
+                centre = mean_tangent_norm(interior(last), dim) / mean_tangent_norm(u, dim)
                 curves[kind, width][label] = prof
                 rows.append(
                     {
@@ -148,6 +159,7 @@ def run(
                         "width": width,
                         "input_norm": mean_tangent_norm(u, dim),
                         "relative_norm": prof[-1],
+                        "interior_relative_norm": centre,
                         "min_relative_norm": min(prof),
                         "max_relative_norm": max(prof),
                     }
