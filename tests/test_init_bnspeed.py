@@ -162,13 +162,19 @@ def test_midpoint_reference_equals_torch_path_and_fused_statistics(dtype):
 
 def test_implementation_switch_restores_and_rejects():
     from poincare_resnet import _cpp
+    from poincare_resnet.nn import _dispatch
 
-    before = (_cpp.native_enabled(), ball.manual_backward_enabled())
+    def switches():
+        return _cpp.native_enabled(), _dispatch.triton_enabled(), ball.manual_backward_enabled()
+
+    before = switches()
     with implementation("torch"):
-        assert not _cpp.native_enabled() and ball.manual_backward_enabled()
+        assert switches() == (False, False, True)
     with implementation("reference"):
         assert not ball.manual_backward_enabled()
-    assert (_cpp.native_enabled(), ball.manual_backward_enabled()) == before
+    with implementation("fused"):
+        assert switches() == before
+    assert switches() == before
     with pytest.raises(ValueError, match="unknown implementation 'native'"):
         with implementation("native"):
             pass

@@ -79,7 +79,7 @@ def implementation(name: str) -> Iterator[None]:
     """
     if name not in ("reference", "torch", "fused"):
         raise ValueError(f"unknown implementation {name!r}; choose reference, torch or fused")
-    native, triton = _cpp.native_enabled(), _dispatch._TRITON["enabled"]
+    native, triton = _cpp.native_enabled(), _dispatch.triton_enabled()
     kernels = name == "fused"
     _cpp.set_native(native and kernels)
     _dispatch.set_triton(triton and kernels)
