@@ -46,6 +46,20 @@ def test_compensated_init_keeps_norms_through_50_convs(channels, dtype):
     assert _final_ratio("center", channels, dtype, depth=10) < 1e-3
 
 
+@pytest.mark.parametrize("init", ["identity-compensated", "center"])
+def test_widening_convs_start_with_no_dead_output(init):
+    # a stem 1 → 8 and a stage's 8 → 16: outputs beyond C_in read shifted taps (centre first)
+    for c_in, c_out in ((1, 8), (8, 16)):
+        w = PoincareConv2d(c_in, c_out, 3, padding=1, init=init).weight.detach()
+        nonzero = w.flatten(1) != 0
+        assert nonzero.sum(1).tolist() == [1] * c_out  # one tap per output, none dead
+        assert w.flatten(1).abs().amax(1).unique().numel() == 1  # all of one value
+        o = torch.arange(c_out)
+        assert (w[o, o % c_in] != 0).flatten(1).any(1).all()  # output o reads channel o mod C_in
+        assert (w[:c_in, :, 1, 1] != 0).sum() == c_in  # the first C_in: the centre tap
+    assert (w[8:, :, 1, 1] == 0).all() and (w[8:, :, 0, 1] != 0).sum() == 8  # then a neighbour
+
+
 def test_interior_is_the_central_half():
     u = torch.arange(2 * 3 * 16 * 12, dtype=torch.float64).view(2, 3, 16, 12)
     torch.testing.assert_close(interior(u), u[:, :, 4:12, 3:9])
@@ -85,12 +99,11 @@ def test_compensated_gain_limits_and_errors():
     lin = PoincareLinear(6, 6, init="identity-compensated").double()
     u = torch.randn(5, 6, dtype=torch.float64)
     torch.testing.assert_close(lin(u), u, rtol=1e-9, atol=1e-9)
-    conv = PoincareConv2d(3, 5, 3, padding=1, init="identity-compensated")
+    conv = PoincareConv2d(3, 3, 3, padding=1, init="identity-compensated")
     w = conv.weight.detach()
-    assert w[:3, :3, 1, 1].diag().tolist() == pytest.approx(
-        [compensated_gain(3, 9, 0.1, 0.5) / 2] * 3
-    )
-    assert int((w != 0).sum()) == 3  # centre taps of the first min(out, in) channels only
+    gain = compensated_gain(3, 9, 0.1, 0.5)
+    torch.testing.assert_close(w[:, :, 1, 1], torch.eye(3) * gain / 2)
+    assert int((w != 0).sum()) == 3  # the centre taps only
     for bad in ({"c": 0.0}, {"norm": -1.0}, {"norm": math.nan}):
         kw = {"c": 0.1, "norm": 0.5, **bad}
         with pytest.raises(ValueError, match="c > 0 and norm > 0"):

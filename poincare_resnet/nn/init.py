@@ -4,7 +4,8 @@
   order of the β-concatenated patch vector), ``bias = 0``. With the correct conformal factor a
   square FC layer is then exactly the identity, so tangent norms survive any depth.
 * ``"center"`` — centre-tap identity: ``weight[o, o, k//2, k//2] = ½``. A spatial identity for
-  convolutions; **not the paper's** initialisation.
+  convolutions; **not the paper's** initialisation. Outputs beyond ``C_in`` (a widening conv)
+  read input channel ``o mod C_in`` at the next tap in centre-first order, so none starts dead.
 * ``"hnn"`` — HNN++ normal ``N(0, (2·n·m)^-½)`` with ``n`` the flattened input size and ``m`` the
   outputs; it makes tangent norms collapse in deep stacks.
 * ``"kaiming"`` — He-normal for the layer's effective Euclidean weight near the origin. For small
@@ -79,11 +80,24 @@ def init_poincare_weight(
 
 
 def _center_tap(weight: Tensor, value: float) -> None:
-    """Zero ``weight`` but ``weight[o, o, k_h//2, k_w//2] = value`` (``weight[o, o]`` if 2-D)."""
+    """Zero ``weight`` but one tap ``value`` per output: output ``o`` reads input channel
+    ``o mod C_in`` at the ``(o div C_in)``-th tap in centre-first order (the centre tap
+    ``weight[o, o, k_h//2, k_w//2]`` for ``o < C_in``: a square conv is a spatial identity; a
+    widening conv also copies shifted taps, so no output starts dead). 2-D: ``weight[o, o]``."""
     weight.zero_()
-    k = min(weight.shape[0], weight.shape[1])
-    taps = [weight.shape[d] // 2 for d in range(2, weight.dim())]
-    weight[(torch.arange(k), torch.arange(k), *taps)] = value
+    out, c_in = weight.shape[0], weight.shape[1]
+    if weight.dim() == 2:
+        k = min(out, c_in)
+        weight[torch.arange(k), torch.arange(k)] = value
+        return
+    kh, kw = weight.shape[2], weight.shape[3]
+    taps = sorted(
+        ((i, j) for i in range(kh) for j in range(kw)),
+        key=lambda t: (t[0] - kh // 2) ** 2 + (t[1] - kw // 2) ** 2,
+    )
+    o = torch.arange(min(out, c_in * kh * kw))
+    rows, cols = torch.tensor(taps).index_select(0, o // c_in).unbind(1)
+    weight[o, o % c_in, rows, cols] = value
 
 
 def compensated_gain(in_channels: int, kernel_elems: int, c: float, norm: float) -> float:
