@@ -11,8 +11,7 @@ inputs). Growth below what the allocator already holds reads as 0, so tiny confi
 report ~0. On CUDA it reports ``torch.cuda.max_memory_allocated`` above the memory allocated
 before the pass.
 
-Kinds: ``"bn"`` (one :class:`PoincareBatchNorm2d` on a tangent map, loss ``mean(out²)``) and
-``"resnet_step"`` (one cross-entropy train step of a :class:`PoincareResNet`, optionally with
+Kind: ``"resnet_step"`` (one cross-entropy train step of a :class:`PoincareResNet`, optionally with
 plain autograd, also reporting the number of autograd graph nodes and median step times).
 """
 
@@ -59,26 +58,6 @@ def _measure(step: Callable[[], Any], device: torch.device) -> tuple[float, Any]
     before = _maxrss_mib()
     result = step()
     return max(0.0, _maxrss_mib() - before), result
-
-
-def _bn(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    from ..nn import PoincareBatchNorm2d
-
-    b, ch, size = int(spec["batch"]), int(spec["channels"]), int(spec["size"])
-    bn = PoincareBatchNorm2d(ch, c=float(spec.get("c", 0.1)), mean=spec["mean"]).to(device)
-    gen = torch.Generator().manual_seed(int(spec.get("seed", 0)))
-
-    def make(n: int) -> torch.Tensor:
-        u = 0.5 * torch.randn(n, ch, size, size, generator=gen)
-        return u.to(device).requires_grad_(True)
-
-    def step(u: torch.Tensor) -> None:
-        bn(u).pow(2).mean().backward()
-
-    step(make(2))
-    u = make(b)
-    peak, _ = _measure(lambda: step(u), device)
-    return {"peak_mib": peak}
 
 
 def _resnet_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -136,7 +115,7 @@ def _resnet_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-KINDS = {"bn": _bn, "resnet_step": _resnet_step}
+KINDS = {"resnet_step": _resnet_step}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -290,7 +290,7 @@ def probe(
     Parameters
     ----------
     kind : str
-        The probe's kind (``"bn"``, ``"resnet_step"``).
+        The probe's kind (``"resnet_step"``).
     seed, device, threads
         Seed, device and torch CPU threads of the probe (``threads=None``: this process's
         current thread count).

@@ -162,9 +162,9 @@ class PoincareLayers:
     Parameters
     ----------
     init, center_weight
-        Every conv's initialisation (``"identity"``, ``"center"``, ``"hnn"``, ``"kaiming"``) and
-        whether its normals are centred over their inputs (the centring half of weight
-        standardisation).
+        Every conv's initialisation (``"identity"``, ``"center"``, ``"hnn"``, ``"kaiming"``,
+        ``"identity-compensated"``: one of :data:`~poincare_resnet.nn.INITS`) and whether its
+        normals are centred over their inputs (the centring half of weight standardisation).
     head_init
         The FC head's init (default ``init``).
     norm

@@ -9,7 +9,7 @@ from .activation import TangentReLU
 from .batchnorm import PoincareBatchNorm2d
 from .conv import PoincareConv2d
 from .curvature import Curvature, as_curvature
-from .init import INITS, beta_concat_scale, init_poincare_weight
+from .init import INITS, beta_concat_scale, compensated_gain, init_poincare_weight
 from .linear import PoincareLinear, PoincareMLR
 from .pooling import PoincareGlobalAvgPool2d
 from .recompute import conv_norm, fc_recompute_enabled, set_fc_recompute
@@ -20,6 +20,7 @@ __all__ = [
     "as_curvature",
     "INITS",
     "beta_concat_scale",
+    "compensated_gain",
     "init_poincare_weight",
     "PoincareLinear",
     "PoincareMLR",

@@ -75,6 +75,11 @@ def set_triton(enabled: bool) -> None:
     _TRITON["enabled"] = bool(enabled)
 
 
+def triton_enabled() -> bool:
+    """Whether eager CUDA calls may take the Triton kernels (the switch of :func:`set_triton`)."""
+    return bool(_TRITON["enabled"])
+
+
 def use_triton(*tensors: Tensor, c, kind: str | None = None) -> bool:
     """Whether the Triton kernels take this call: enabled, eager, CUDA (or, for tests, CPU
     tensors under the interpreter), and :func:`._triton.applicable`."""

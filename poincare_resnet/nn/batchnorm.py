@@ -31,6 +31,10 @@ class PoincareBatchNorm2d(nn.Module):
     ``running_var`` (σ², unbiased) are updated with ``momentum`` (``None``: cumulative average)
     and used in eval mode. ``track_running_stats=False`` or ``eval_batch_stats=True`` (the
     paper's code) normalise with batch statistics in eval mode too.
+
+    ``mean="frechet"`` runs ``frechet_iters`` Karcher steps (:func:`~poincare_resnet.ball.frechet.
+    frechet_mean`), stopping early once a step is shorter than ``frechet_tol`` (a host read per
+    step); ``frechet_tol=0`` runs exactly ``frechet_iters`` steps with no host read.
     """
 
     def __init__(
@@ -43,6 +47,7 @@ class PoincareBatchNorm2d(nn.Module):
         mean: str = "midpoint",
         eval_batch_stats: bool = False,
         frechet_iters: int = 50,
+        frechet_tol: float = 1e-7,
     ) -> None:
         super().__init__()
         if mean not in MEANS:
@@ -55,6 +60,7 @@ class PoincareBatchNorm2d(nn.Module):
         self.mean = mean
         self.eval_batch_stats = eval_batch_stats
         self.frechet_iters = frechet_iters
+        self.frechet_tol = frechet_tol
         self.weight = nn.Parameter(torch.ones(1))
         self.bias = nn.Parameter(torch.zeros(num_features))
         if track_running_stats:
@@ -82,7 +88,8 @@ class PoincareBatchNorm2d(nn.Module):
         """Midpoint m' = Σγ²x / (Σγ² − N/2), μ = m'/(1 + √(1 − c‖m'‖²)), shape [1, C, 1, 1]."""
         if self.mean == "frechet":
             points = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
-            return frechet_mean(points, c=c, iters=self.frechet_iters).view(1, -1, 1, 1)
+            mu = frechet_mean(points, c=c, iters=self.frechet_iters, tol=self.frechet_tol)
+            return mu.view(1, -1, 1, 1)
         gamma2 = 1 / (1 - c * x.pow(2).sum(1, keepdim=True)).clamp_min(MIN_NORM)
         n = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
         sums = torch.cat([(gamma2 * x).sum((0, 2, 3)), gamma2.sum().view(1), n.view(1)])

@@ -37,7 +37,8 @@ class _PoincareFCBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        init_poincare_weight(self.weight, self.init, self.scale)
+        c = float(self.curvature())  # the curvature at init (a learnable one's current value)
+        init_poincare_weight(self.weight, self.init, self.scale, c=c)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
