@@ -317,6 +317,7 @@ def _cmd_ood(args) -> int:
 
 
 def _add_attack(sub) -> None:
+    from .evaluation.commands import ROBUSTNESS_ATTACKS, ROBUSTNESS_STEPS
     from .evaluation.square import SQUARE_QUERIES
 
     p = _checkpoint_parser(sub, "attack", "robustness table: attacks, worst case, zero gradients")
@@ -324,7 +325,8 @@ def _add_attack(sub) -> None:
         "--attacks",
         "--attack",
         dest="attack",
-        default="fgsm,pgd,pgd-margin,square,angular",
+        metavar="LIST",
+        default=",".join(ROBUSTNESS_ATTACKS),
         help="comma list: fgsm, pgd, pgd-margin, square, angular",
     )
     p.add_argument(
@@ -332,7 +334,7 @@ def _add_attack(sub) -> None:
         default="0.8,1.6,2.4,3.2",
         help="comma list of L∞ radii in /255 units of the [-1, 1] input range",
     )
-    p.add_argument("--steps", type=_POSITIVE, default=10, help="PGD / angular steps")
+    p.add_argument("--steps", type=_POSITIVE, default=ROBUSTNESS_STEPS, help="PGD / angular steps")
     p.add_argument(
         "--step-size",
         type=_positive_float,

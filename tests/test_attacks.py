@@ -232,10 +232,11 @@ def test_worst_case_is_the_per_sample_and():
 def _masks(model, x, y, names, e, source=None) -> dict[str, torch.Tensor]:
     """Per attack, the per-sample correctness at ``e`` with the options of :func:`_rows`."""
     given = {"steps": 3, "queries": 15, "generator": None}
+    clean = predict(model, x) == y
     out = {}
     for n in names:
         kw = attack_options(ATTACKS[n], {**given, "generator": _gen(0)})
-        out[n] = correct_under_attack(model, x, y, n, e, source, **kw)
+        out[n] = correct_under_attack(model, x, y, n, e, source, clean=clean, **kw)
     return out
 
 

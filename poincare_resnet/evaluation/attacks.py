@@ -214,6 +214,8 @@ def _keep_first_fooling(
     """``restarts`` runs of ``run(x, y)``; per sample the first result that fools the model
     (later restarts attack only the samples not fooled yet), else the first run's result."""
     best = run(x, y)
+    if restarts == 1:
+        return best
     fooled = predict(model, best) != y
     for _ in range(restarts - 1):
         todo = (~fooled).nonzero()[:, 0]
@@ -510,6 +512,7 @@ def robust_accuracy(
 ) -> list[dict[str, float | str]]:
     """Accuracy under ``attack`` for each ``eps``: rows ``{attack, eps, eps_255, accuracy,
     clean_accuracy}`` with ``eps_255 = 255 · eps`` (the paper reports ε·255 in [-1, 1] units).
+    Only the clean-correct images are attacked (the others count as misclassified).
 
     ``attack`` is a name of :data:`ATTACKS` or a callable ``attack(model, x, y, eps, **kw)``.
 
@@ -538,11 +541,13 @@ def robust_accuracy(
     name, fn = resolve_attack(attack)
     y = torch.as_tensor(y).long()
 
-    def accuracy(eps: float | None) -> float:
-        ok = correct_under_attack(model, x, y, fn, eps, batch_size=batch_size, device=device, **kw)
+    clean_ok = correct_under_attack(model, x, y, fn, None, batch_size=batch_size, device=device)
+
+    def accuracy(eps: float) -> float:
+        ok = correct_under_attack(model, x, y, fn, eps, None, batch_size, device, clean_ok, **kw)
         return float(ok.double().mean()) if ok.numel() else 0.0
 
-    clean = accuracy(None)
+    clean = float(clean_ok.double().mean()) if clean_ok.numel() else 0.0
     return [
         {
             "attack": name,

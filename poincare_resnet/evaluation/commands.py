@@ -46,6 +46,7 @@ from .tables import write_table_atomic
 
 __all__ = [
     "ROBUSTNESS_ATTACKS",
+    "ROBUSTNESS_STEPS",
     "attack_rows",
     "load_checkpoint_data",
     "ood_scores_and_rows",
@@ -286,6 +287,9 @@ def run_ood(
 #: The attacks of the robustness table (the ``attack`` command's default).
 ROBUSTNESS_ATTACKS: tuple[str, ...] = ("fgsm", "pgd", "pgd-margin", "square", "angular")
 
+#: The iterated attacks' default steps in the robustness table (the ``attack`` command's).
+ROBUSTNESS_STEPS = 5
+
 
 def _check_attacks(attacks: Sequence[str]) -> tuple[str, ...]:
     names = tuple(attacks)
@@ -326,6 +330,8 @@ def attack_rows(
     attack and ε (``eps`` in [-1, 1] input units), and with ``worst_case`` one row
     ``attack = "worst"`` per ε: the accuracy of ``w_i = ∧_a c_{a,i}`` (per sample, correct
     under every attack; :func:`~poincare_resnet.evaluation.robustness.worst_case_correct`).
+    Only the images classified correctly without attack are attacked; the others count as
+    misclassified under every attack.
 
     Parameters
     ----------
@@ -383,7 +389,9 @@ def attack_rows(
         }
         kw = attack_options(fn, given)
         for e in eps:
-            ok = correct_under_attack(model, x, y, fn, e, source, batch_size, device, **kw)
+            ok = correct_under_attack(
+                model, x, y, fn, e, source, batch_size, device, clean=clean_ok, **kw
+            )
             per_eps[float(e)][name] = ok
             rows.append(row(name, e, ok, _settings_columns(name, kw)))
     if worst_case and names:
@@ -447,7 +455,7 @@ def run_attack(
     checkpoint: str | Path,
     attacks: Sequence[str] = ROBUSTNESS_ATTACKS,
     eps: Sequence[float] = PAPER_FGSM_EPS,
-    steps: int = 10,
+    steps: int = ROBUSTNESS_STEPS,
     step_size: float | None = None,
     random_start: bool = True,
     limit: int | None = None,

@@ -61,11 +61,14 @@ def correct_under_attack(
     source: nn.Module | None = None,
     batch_size: int = 256,
     device: torch.device | str | None = None,
+    clean: torch.Tensor | None = None,
     **kw: Any,
 ) -> torch.Tensor:
     """Per sample, whether ``model`` classifies ``attack(source, x_i, y_i, ε)`` correctly:
     ``c_i = [argmax f(x̃_i) = y_i]`` with ``x̃ = attack(g, x, y, ε)``, ``g = source`` (a
-    transfer attack) or ``model`` (white-box); ``eps = None`` scores the clean images.
+    transfer attack) or ``model`` (white-box); ``eps = None`` scores the clean images.  With
+    ``clean`` (the clean correctness), only the clean-correct images are attacked and the
+    others count as misclassified, so ``c ≤ clean`` (robust accuracy as in RobustBench).
 
     Parameters
     ----------
@@ -85,6 +88,8 @@ def correct_under_attack(
         Images per batch.
     device : torch.device or str, optional
         Where the models run.
+    clean : Tensor, optional
+        Bool ``[N]``: the images ``model`` classifies correctly without attack.
     **kw
         Further options of the attack.
 
@@ -93,6 +98,14 @@ def correct_under_attack(
     Tensor
         ``c``, bool ``[N]`` (on the CPU).
     """
+    if clean is not None:
+        out = torch.zeros(x.shape[0], dtype=torch.bool)
+        keep = clean.cpu().nonzero()[:, 0]
+        yk = torch.as_tensor(y)[keep]
+        out[keep] = correct_under_attack(
+            model, x[keep], yk, attack, eps, source, batch_size, device, **kw
+        )
+        return out
     _name, fn = resolve_attack(attack)
     crafter = model if source is None else source
     dev, dtype = _model_device(model, device), _dtype(model)
