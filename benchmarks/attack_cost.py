@@ -21,7 +21,7 @@ import torch
 from poincare_resnet import create_model
 from poincare_resnet.evaluation.attacks import PAPER_FGSM_EPS, predict
 from poincare_resnet.evaluation.commands import ROBUSTNESS_ATTACKS, ROBUSTNESS_STEPS, attack_rows
-from poincare_resnet.evaluation.square import SQUARE_QUERIES
+from poincare_resnet.evaluation.square_attack import SQUARE_QUERIES
 
 
 def count_passes(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, **kw) -> dict:

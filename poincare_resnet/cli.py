@@ -318,7 +318,7 @@ def _cmd_ood(args) -> int:
 
 def _add_attack(sub) -> None:
     from .evaluation.commands import ROBUSTNESS_ATTACKS, ROBUSTNESS_STEPS
-    from .evaluation.square import SQUARE_QUERIES
+    from .evaluation.square_attack import SQUARE_QUERIES
 
     p = _checkpoint_parser(sub, "attack", "robustness table: attacks, worst case, zero gradients")
     p.add_argument(

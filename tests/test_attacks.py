@@ -38,7 +38,7 @@ from poincare_resnet.evaluation.robustness import (
     robustness_wide_rows,
     worst_case_correct,
 )
-from poincare_resnet.evaluation.square import square, square_fraction
+from poincare_resnet.evaluation.square_attack import square, square_fraction
 from poincare_resnet.training.trainer import train
 
 

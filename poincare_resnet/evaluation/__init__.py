@@ -41,7 +41,7 @@ from .plots import (
     plot_training_curves,
 )
 from .robustness import correct_under_attack, worst_case_correct
-from .square import square
+from .square_attack import square
 from .tables import write_table, write_table_atomic
 
 __all__ = [

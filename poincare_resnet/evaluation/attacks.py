@@ -4,7 +4,7 @@ restarts), an angular attack on the embedding, a gradient-masking check.
 Inputs live in ``[-1, 1]``; ``eps`` is measured in those input units.  Attacks run the model in
 eval mode (each submodule's mode is restored afterwards) and differentiate with respect to the
 input only (``torch.autograd.grad``), so no ``.grad`` is left on the parameters.  The
-gradient-free Square attack is in :mod:`poincare_resnet.evaluation.square`; the per-sample
+gradient-free Square attack is in :mod:`poincare_resnet.evaluation.square_attack`; the per-sample
 robustness table (worst case over attacks, transfer) in
 :mod:`poincare_resnet.evaluation.robustness`.
 """
@@ -465,7 +465,7 @@ def zero_grad_fraction(
 
 
 def _registry() -> dict[str, Callable[..., torch.Tensor]]:
-    from .square import square
+    from .square_attack import square
 
     return {
         "fgsm": fgsm,

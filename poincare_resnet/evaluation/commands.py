@@ -41,7 +41,7 @@ from .robustness import (
     robustness_wide_rows,
     worst_case_correct,
 )
-from .square import SQUARE_QUERIES
+from .square_attack import SQUARE_QUERIES
 from .tables import write_table_atomic
 
 __all__ = [
