@@ -541,7 +541,7 @@ def robust_accuracy(
     name, fn = resolve_attack(attack)
     y = torch.as_tensor(y).long()
 
-    clean_ok = correct_under_attack(model, x, y, fn, None, batch_size=batch_size, device=device)
+    clean_ok = correct_under_attack(model, x, y, None, None, batch_size=batch_size, device=device)
 
     def accuracy(eps: float) -> float:
         ok = correct_under_attack(model, x, y, fn, eps, None, batch_size, device, clean_ok, **kw)

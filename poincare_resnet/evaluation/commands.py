@@ -373,7 +373,7 @@ def attack_rows(
         base = {"attack": name, "eps": float(e), "eps_255": float(e) * 255.0, "accuracy": acc}
         return {**base, "clean_accuracy": clean, **extra, "n": n}
 
-    clean_ok = correct_under_attack(model, x, y, "fgsm", None, batch_size=batch_size, device=device)
+    clean_ok = correct_under_attack(model, x, y, None, None, batch_size=batch_size, device=device)
     clean = float(clean_ok.double().mean()) if n else 0.0
     rows: list[dict[str, Any]] = []
     per_eps: dict[float, dict[str, torch.Tensor]] = {float(e): {} for e in eps}

@@ -56,7 +56,7 @@ def correct_under_attack(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    attack: str | Callable[..., torch.Tensor],
+    attack: str | Callable[..., torch.Tensor] | None,
     eps: float | None,
     source: nn.Module | None = None,
     batch_size: int = 256,
@@ -78,8 +78,9 @@ def correct_under_attack(
         Images ``[N, C, H, W]`` in ``[-1, 1]``.
     y : Tensor
         Labels ``[N]``.
-    attack : str or callable
-        A name of :data:`~poincare_resnet.evaluation.attacks.ATTACKS` or a callable.
+    attack : str, callable or None
+        A name of :data:`~poincare_resnet.evaluation.attacks.ATTACKS` or a callable (``None``
+        with ``eps = None``).
     eps : float or None
         The radius in input units (``None``: no attack).
     source : nn.Module, optional
@@ -106,14 +107,14 @@ def correct_under_attack(
             model, x[keep], yk, attack, eps, source, batch_size, device, **kw
         )
         return out
-    _name, fn = resolve_attack(attack)
+    fn = None if eps is None else resolve_attack(attack)[1]  # type: ignore[arg-type]
     crafter = model if source is None else source
     dev, dtype = _model_device(model, device), _dtype(model)
     y = torch.as_tensor(y).long()
     out = []
     for i in range(0, x.shape[0], batch_size):
         xb, yb = x[i : i + batch_size].to(dev), y[i : i + batch_size].to(dev)
-        if eps is None:
+        if fn is None:
             xb = xb.clamp(X_MIN, X_MAX)
         else:
             xb = fn(crafter, xb.to(_dtype(crafter)), yb, eps, **kw)
