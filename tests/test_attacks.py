@@ -29,6 +29,7 @@ from poincare_resnet.evaluation.attacks import (
     margin_loss,
     pgd,
     predict,
+    robust_accuracy,
     zero_grad_fraction,
 )
 from poincare_resnet.evaluation.commands import attack_rows
@@ -260,6 +261,20 @@ def test_attack_rows_worst_case_matches_per_sample_masks(model):
     assert [r["eps_255"] for r in wide] == pytest.approx([255 * 0.02, 255 * 0.08])
     assert set(wide[0]) >= {"clean_accuracy", "worst", "fgsm", "pgd"}
     assert wide[1]["worst"] == next(r["accuracy"] for r in rows[-1:])
+
+
+def test_clean_misclassified_images_stay_misclassified(model):
+    x, y = _data(64, seed=10)
+
+    def fix(_m, xb, yb, _eps):  # an "attack" that moves every image to its class's mean
+        return ((yb.double() * 2 - 1) * 0.9)[:, None, None, None].expand_as(xb).clone()
+
+    assert _acc(model, fix(model, x, y, 0.0), y) == 1.0
+    clean = predict(model, x) == y
+    assert not clean.all()
+    torch.testing.assert_close(correct_under_attack(model, x, y, fix, 0.1, clean=clean), clean)
+    row = robust_accuracy(model, x, y, fix, [0.1])[0]
+    assert row["accuracy"] == row["clean_accuracy"] < 1.0
 
 
 # ----------------------------------------------------------------------------- transfer
