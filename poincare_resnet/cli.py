@@ -317,21 +317,40 @@ def _cmd_ood(args) -> int:
 
 
 def _add_attack(sub) -> None:
-    p = _checkpoint_parser(sub, "attack", "FGSM / PGD robust accuracy")
-    p.add_argument("--attack", default="fgsm,pgd", help="comma list: fgsm, pgd")
+    from .evaluation.commands import ROBUSTNESS_ATTACKS, ROBUSTNESS_STEPS
+    from .evaluation.square_attack import SQUARE_QUERIES
+
+    p = _checkpoint_parser(sub, "attack", "robustness table: attacks, worst case, zero gradients")
+    p.add_argument(
+        "--attacks",
+        "--attack",
+        dest="attack",
+        metavar="LIST",
+        default=",".join(ROBUSTNESS_ATTACKS),
+        help="comma list: fgsm, pgd, pgd-margin, square, angular",
+    )
     p.add_argument(
         "--eps",
         default="0.8,1.6,2.4,3.2",
         help="comma list of L∞ radii in /255 units of the [-1, 1] input range",
     )
-    p.add_argument("--steps", type=_POSITIVE, default=10, help="PGD steps")
+    p.add_argument("--steps", type=_POSITIVE, default=ROBUSTNESS_STEPS, help="PGD / angular steps")
     p.add_argument(
         "--step-size",
         type=_positive_float,
         default=None,
-        help="PGD step in /255 units (default 2.5·ε/steps)",
+        help="PGD / angular step in /255 units (default 2.5·ε/steps)",
     )
     p.add_argument("--no-random-start", action="store_true", help="PGD starts at the image")
+    p.add_argument("--restarts", type=_POSITIVE, default=1, help="random restarts of PGD / angular")
+    p.add_argument(
+        "--queries", type=_POSITIVE, default=SQUARE_QUERIES, help="Square attack queries per image"
+    )
+    p.add_argument(
+        "--source",
+        default=None,
+        help="transfer attack: craft the examples on this run (same data), evaluate on RUN",
+    )
     p.add_argument("--limit", type=_POSITIVE, default=None, help="attack N random test images")
     p.add_argument("--seed", type=_NONNEGATIVE, default=0)
     _add_checkpoint_options(p, "attack")
@@ -354,9 +373,12 @@ def _cmd_attack(args) -> int:
         random_start=not args.no_random_start,
         limit=args.limit,
         out=out,
+        restarts=args.restarts,
+        queries=args.queries,
+        source=args.source,
         **_checkpoint_kwargs(args),
     )
-    return _print_table(out, "attack.md", out)
+    return _print_table(out, "robustness.md", out)
 
 
 def _add_explain(sub) -> None:

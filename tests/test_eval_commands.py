@@ -112,6 +112,8 @@ def test_run_attack_eps_zero_is_clean(checkpoints, tmp_path):
         ("fgsm", pytest.approx(3.2)),
         ("pgd", 0.0),
         ("pgd", pytest.approx(3.2)),
+        ("worst", 0.0),  # per sample, correct under every attack (tests/test_attacks.py)
+        ("worst", pytest.approx(3.2)),
     ]
     for r in rows:
         assert r["n"] == 12 and 0.0 <= r["accuracy"] <= 1.0

@@ -1,7 +1,16 @@
 """Evaluation: accuracy / OOD metrics, OOD scores, adversarial attacks, explanations, plots,
 tables."""
 
-from .attacks import ATTACKS, PAPER_FGSM_EPS, fgsm, pgd, robust_accuracy
+from .attacks import (
+    ATTACKS,
+    PAPER_FGSM_EPS,
+    angular,
+    fgsm,
+    margin_loss,
+    pgd,
+    robust_accuracy,
+    zero_grad_fraction,
+)
 from .explain import grad_cam, input_saliency, normalize_maps
 from .metrics import (
     accuracy_topk,
@@ -31,6 +40,8 @@ from .plots import (
     plot_score_histograms,
     plot_training_curves,
 )
+from .robustness import correct_under_attack, worst_case_correct
+from .square_attack import square
 from .tables import write_table, write_table_atomic
 
 __all__ = [
@@ -39,8 +50,10 @@ __all__ = [
     "PAPER_FGSM_EPS",
     "SCORE_FUNCTIONS",
     "accuracy_topk",
+    "angular",
     "collect_outputs",
     "confusion_matrix",
+    "correct_under_attack",
     "energy_score",
     "eval_mode",
     "evaluate_ood",
@@ -49,6 +62,7 @@ __all__ = [
     "grad_cam",
     "input_saliency",
     "make_ood_sets",
+    "margin_loss",
     "msp_score",
     "normalize_maps",
     "ood_metrics",
@@ -64,6 +78,9 @@ __all__ = [
     "plot_training_curves",
     "robust_accuracy",
     "score_outputs",
+    "square",
     "write_table",
+    "worst_case_correct",
     "write_table_atomic",
+    "zero_grad_fraction",
 ]

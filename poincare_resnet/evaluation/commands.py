@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..training.checkpoint import atomic_output
-from .attacks import ATTACKS, PAPER_FGSM_EPS, robust_accuracy
+from .attacks import ATTACKS, PAPER_FGSM_EPS, zero_grad_fraction
 from .explain import grad_cam, input_saliency
 from .metrics import ood_roc_curve
 from .ood import (
@@ -34,9 +34,19 @@ from .plots import (
     plot_roc_curves,
     plot_score_histograms,
 )
+from .robustness import (
+    WORST,
+    attack_options,
+    correct_under_attack,
+    robustness_wide_rows,
+    worst_case_correct,
+)
+from .square_attack import SQUARE_QUERIES
 from .tables import write_table_atomic
 
 __all__ = [
+    "ROBUSTNESS_ATTACKS",
+    "ROBUSTNESS_STEPS",
     "attack_rows",
     "load_checkpoint_data",
     "ood_scores_and_rows",
@@ -274,6 +284,30 @@ def run_ood(
     return rows
 
 
+#: The attacks of the robustness table (the ``attack`` command's default).
+ROBUSTNESS_ATTACKS: tuple[str, ...] = ("fgsm", "pgd", "pgd-margin", "square", "angular")
+
+#: The iterated attacks' default steps in the robustness table (the ``attack`` command's).
+ROBUSTNESS_STEPS = 5
+
+
+def _check_attacks(attacks: Sequence[str]) -> tuple[str, ...]:
+    names = tuple(attacks)
+    for name in names:
+        if name not in ATTACKS:
+            raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"attacks repeat a name: {', '.join(names)}")
+    return names
+
+
+def _settings_columns(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The columns that record an attack's budget: ``steps`` (and ``restarts``) of the
+    iterated attacks, ``queries`` of the Square attack."""
+    keys = ("steps", "restarts", "queries")
+    return {k: options[k] for k in keys if k in options}
+
+
 def attack_rows(
     model: nn.Module,
     x: torch.Tensor,
@@ -286,49 +320,82 @@ def attack_rows(
     seed: int = 0,
     batch_size: int = 256,
     device: str | torch.device | None = None,
+    *,
+    restarts: int = 1,
+    queries: int = SQUARE_QUERIES,
+    source: nn.Module | None = None,
+    worst_case: bool = False,
 ) -> list[dict[str, Any]]:
     """Robust accuracy rows ``{attack, eps, eps_255, accuracy, clean_accuracy, ...}`` for every
-    attack and ε (``eps`` in [-1, 1] input units).
+    attack and ε (``eps`` in [-1, 1] input units), and with ``worst_case`` one row
+    ``attack = "worst"`` per ε: the accuracy of ``w_i = ∧_a c_{a,i}`` (per sample, correct
+    under every attack; :func:`~poincare_resnet.evaluation.robustness.worst_case_correct`).
+    Only the images classified correctly without attack are attacked; the others count as
+    misclassified under every attack.
 
     Parameters
     ----------
     model, x, y
         As in :func:`~poincare_resnet.evaluation.fgsm`.
     attacks : sequence of str
-        ``fgsm`` and/or ``pgd``.
+        Names of :data:`~poincare_resnet.evaluation.ATTACKS`.
     eps : sequence of float
         The radii ``ε``, one row per attack and radius.
     steps, step_size, random_start
-        PGD's settings (:func:`~poincare_resnet.evaluation.pgd`).
+        The iterated attacks' settings (:func:`~poincare_resnet.evaluation.pgd`).
     seed : int
-        Seed of PGD's random start.
+        Seed of each attack's generator (random starts, Square's draws).
     batch_size : int
         Images per attacked batch.
     device : str or torch.device, optional
         Where the model runs.
+    restarts : int
+        Random restarts of ``pgd``, ``pgd-margin`` and ``angular``.
+    queries : int
+        The Square attack's queries per image.
+    source : nn.Module, optional
+        Craft the examples on this model, evaluate them on ``model`` (a transfer attack).
+    worst_case : bool
+        Add the worst-case rows.
 
     Returns
     -------
     list of dict
-        One row per (attack, ε).
+        One row per (attack, ε), then the worst-case rows.
     """
-    rows: list[dict[str, Any]] = []
+    names = _check_attacks(attacks)
     x = x.to(_model_dtype(model))
-    for name in attacks:
-        if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
-        kw: dict[str, Any] = {}
-        if name == "pgd":
-            gen = torch.Generator().manual_seed(seed)
-            kw = {
-                "steps": steps,
-                "step_size": step_size,
-                "random_start": random_start,
-                "generator": gen,
-            }
-        for r in robust_accuracy(model, x, y, name, eps, batch_size, device, **kw):
-            extra = {"steps": steps} if name == "pgd" else {}
-            rows.append({**r, **extra, "n": int(x.shape[0])})
+    y = torch.as_tensor(y).long()
+    n = int(x.shape[0])
+
+    def row(name: str, e: float, ok: torch.Tensor, extra: dict[str, Any]) -> dict[str, Any]:
+        acc = float(ok.double().mean()) if n else 0.0
+        base = {"attack": name, "eps": float(e), "eps_255": float(e) * 255.0, "accuracy": acc}
+        return {**base, "clean_accuracy": clean, **extra, "n": n}
+
+    clean_ok = correct_under_attack(model, x, y, None, None, batch_size=batch_size, device=device)
+    clean = float(clean_ok.double().mean()) if n else 0.0
+    rows: list[dict[str, Any]] = []
+    per_eps: dict[float, dict[str, torch.Tensor]] = {float(e): {} for e in eps}
+    for name in names:
+        fn = ATTACKS[name]
+        given = {
+            "steps": steps,
+            "step_size": step_size,
+            "random_start": random_start,
+            "restarts": restarts,
+            "queries": queries,
+            "generator": torch.Generator().manual_seed(seed),
+        }
+        kw = attack_options(fn, given)
+        for e in eps:
+            ok = correct_under_attack(
+                model, x, y, fn, e, source, batch_size, device, clean=clean_ok, **kw
+            )
+            per_eps[float(e)][name] = ok
+            rows.append(row(name, e, ok, _settings_columns(name, kw)))
+    if worst_case and names:
+        rows += [row(WORST, e, worst_case_correct(per_eps[float(e)]), {}) for e in eps]
     return rows
 
 
@@ -341,11 +408,54 @@ def _subset(n: int, limit: int | None, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=gen)[:limit].sort().values
 
 
+def _check_attack_options(
+    attacks: Sequence[str],
+    eps: Sequence[float],
+    steps: int,
+    step_size: float | None,
+    restarts: int,
+    queries: int,
+    random_start: bool,
+) -> list[float]:
+    """Fail before any work on a bad attack option; the radii as a list."""
+    if not attacks:
+        raise ValueError("give at least one attack")
+    _check_attacks(attacks)
+    eps = list(eps)
+    if not eps or not all(isinstance(e, int | float) and math.isfinite(e) and e >= 0 for e in eps):
+        raise ValueError(f"eps must be one or more finite values >= 0, got {eps!r}")
+    _positive_int("steps", steps)
+    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be finite and > 0, got {step_size!r}")
+    _positive_int("restarts", restarts)
+    _positive_int("queries", queries)
+    if restarts > 1 and not random_start:
+        raise ValueError("restarts > 1 need the random start (drop --no-random-start)")
+    return eps
+
+
+def _load_source(
+    source: str | Path, data: Any, data_dir: str | None, device: str, dataset: str | None
+) -> nn.Module:
+    """The source model of a transfer attack; it must have been trained on the target's data."""
+    src, src_meta, src_data = load_checkpoint_data(source, data_dir, device, dataset)
+    mine = (data.name, data.num_classes, data.in_chans, tuple(data.test_x.shape[-2:]))
+    theirs = (src_data.name, src_data.num_classes, src_data.in_chans)
+    theirs += (tuple(src_data.test_x.shape[-2:]),)
+    if mine != theirs:
+        raise ValueError(
+            f"--source {source} was trained on {theirs[0]} ({theirs[1]} classes, "
+            f"{theirs[2]}×{theirs[3]}), the attacked run on {mine[0]} ({mine[1]} classes, "
+            f"{mine[2]}×{mine[3]}): a transfer attack needs the same data"
+        )
+    return src
+
+
 def run_attack(
     checkpoint: str | Path,
-    attacks: Sequence[str] = ("fgsm", "pgd"),
+    attacks: Sequence[str] = ROBUSTNESS_ATTACKS,
     eps: Sequence[float] = PAPER_FGSM_EPS,
-    steps: int = 10,
+    steps: int = ROBUSTNESS_STEPS,
     step_size: float | None = None,
     random_start: bool = True,
     limit: int | None = None,
@@ -355,15 +465,22 @@ def run_attack(
     dataset: str | None = None,
     seed: int = 0,
     batch_size: int = 256,
+    restarts: int = 1,
+    queries: int = SQUARE_QUERIES,
+    source: str | Path | None = None,
 ) -> list[dict[str, Any]]:
-    """FGSM / PGD robust accuracy of a checkpoint on (a seeded subset of ``limit`` images of)
-    its test set; writes ``attack.csv`` / ``attack.md`` and ``accuracy_vs_eps.png``.
+    """The robustness table of a checkpoint on (a seeded subset of ``limit`` images of) its
+    test set: accuracy under each attack and ε, the per-sample worst case over the attacks
+    (when there are two or more) and the fraction of exactly-zero input gradients; with
+    ``source``, the examples are crafted on that run's model (a transfer attack).  Writes
+    ``attack.csv`` / ``attack.md`` (one row per attack and ε), ``robustness.csv`` /
+    ``robustness.md`` / ``robustness.json`` (one row per ε) and ``accuracy_vs_eps.png``.
 
     Parameters
     ----------
     checkpoint : str or Path
-        A checkpoint file or a run directory.
-    attacks, eps, steps, step_size, random_start, seed, batch_size
+        A checkpoint file or a run directory (the attacked model).
+    attacks, eps, steps, step_size, random_start, seed, batch_size, restarts, queries
         As in :func:`attack_rows`.
     limit : int, optional
         Attack this many random test images.
@@ -371,47 +488,49 @@ def run_attack(
         Output directory.
     device, data_dir, dataset
         As in :func:`load_checkpoint_data`.
+    source : str or Path, optional
+        The checkpoint or run directory the examples are crafted on (same data and classes).
 
     Returns
     -------
     list of dict
         The rows of ``attack.csv``.
     """
-    if not attacks:
-        raise ValueError("give at least one attack")
-    for name in attacks:
-        if name not in ATTACKS:
-            raise ValueError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
-    eps = list(eps)
-    if not eps or not all(isinstance(e, int | float) and math.isfinite(e) and e >= 0 for e in eps):
-        raise ValueError(f"eps must be one or more finite values >= 0, got {eps!r}")
-    _positive_int("steps", steps)
-    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
-        raise ValueError(f"step_size must be finite and > 0, got {step_size!r}")
+    eps = _check_attack_options(attacks, eps, steps, step_size, restarts, queries, random_start)
     _positive_int("limit", limit, allow_none=True)
     _positive_int("batch_size", batch_size)
     _check_device_and_out(device, out)
     model, meta, data = load_checkpoint_data(checkpoint, data_dir, device, dataset)
+    src = None if source is None else _load_source(source, data, data_dir, device, dataset)
     idx = _subset(len(data.test_y), limit, seed)
+    x, y = data.test_x[idx].to(_model_dtype(model)), data.test_y[idx]
+    zero = zero_grad_fraction(model, x, y, batch_size=batch_size)
+    worst = len(tuple(attacks)) > 1  # the worst case over one attack is that attack
+    options = {"restarts": restarts, "queries": queries, "source": src, "worst_case": worst}
     rows = attack_rows(
-        model,
-        data.test_x[idx],
-        data.test_y[idx],
-        attacks,
-        eps,
-        steps,
-        step_size,
-        random_start,
-        seed,
-        batch_size,
+        model, x, y, attacks, eps, steps, step_size, random_start, seed, batch_size, **options
     )
-    rows = [{"model": meta.get("model_name", ""), "dataset": data.name, **r} for r in rows]
+    label = {"model": meta.get("model_name", ""), "dataset": data.name}
+    if source is not None:
+        label["source"] = str(source)
+    rows = [{**label, **r, **zero} for r in rows]
     if out is not None:
-        out = Path(out)
-        write_table_atomic(rows, out / "attack")
-        with atomic_output(out / "accuracy_vs_eps.png") as tmp:
-            plot_accuracy_vs_eps(rows, tmp, title=f"Robust accuracy on {data.name}")
+        _write_robustness(Path(out), rows, label, zero, data.name)
     return rows
+
+
+def _write_robustness(
+    out: Path, rows: list[dict[str, Any]], label: dict[str, Any], zero: dict[str, float], name: str
+) -> None:
+    """``attack`` (long), ``robustness`` (wide, + JSON) tables and the accuracy-vs-ε plot."""
+    from ..experiments.common import write_json
+
+    write_table_atomic(rows, out / "attack")
+    wide = [{**label, **r, **zero} for r in robustness_wide_rows(rows)]
+    write_table_atomic(wide, out / "robustness")
+    write_json(out / "robustness.json", {**label, **zero, "rows": wide, "attacks": rows})
+    with atomic_output(out / "accuracy_vs_eps.png") as tmp:
+        plot_accuracy_vs_eps(rows, tmp, title=f"Robust accuracy on {name}")
 
 
 def run_explain(
