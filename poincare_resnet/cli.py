@@ -404,6 +404,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seeds", default=None, help="compare: comma list of seeds, e.g. 0,1,2 (mean ± std)"
+    )
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -424,6 +427,7 @@ def _cmd_experiment(args) -> int:
         "threads",
         "device",
         "seed",
+        "seeds",
         "dataset",
         "data_dir",
         "epochs",

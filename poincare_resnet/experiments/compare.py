@@ -1,10 +1,17 @@
 """``compare``: Euclidean, hybrid and Poincaré ResNet-20 trained with one recipe, then test
 accuracy, epoch time, OOD detection (energy and feature-norm scores against synthetic sets) and
 FGSM / PGD robust accuracy on the paper's ε grid, side by side.
+
+Every model is trained once per seed (``seeds``), into ``runs/<model>/seed<k>``; a finished run
+of the same recipe there is reused and an unfinished one resumed, so an interrupted compare
+continues where it stopped. The tables report every number as the mean over seeds and its
+sample standard deviation (``<col>_seeds_std``; ``mean ± std`` in the Markdown, ``n_seeds``
+noted); the per-seed values are in ``compare_summary.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +23,7 @@ from ..data import load_dataset
 from ..evaluation.attacks import PAPER_FGSM_EPS
 from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
 from ..evaluation.plots import plot_accuracy_vs_eps
+from ..evaluation.tables import mean_over_seeds
 from ..evaluation.tables import write_table_atomic as write_table
 from ..training.checkpoint import atomic_output
 from .common import (
@@ -25,7 +33,7 @@ from .common import (
     as_tuple,
     pick,
     torch_threads,
-    train_or_none,
+    train_or_reuse,
     write_json,
 )
 
@@ -60,13 +68,16 @@ def run(
     eps: Any = PAPER_FGSM_EPS,
     pgd_steps: int | None = None,
     attack_limit: int | None = None,
+    seeds: Any = None,
     seed: int = 0,
     threads: int | None = None,
     device: str = "cpu",
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Train every model of ``models`` with one recipe and evaluate it; one wide table row per
-    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``).
+    """Train every model of ``models`` with one recipe, once per seed, and evaluate it; one
+    wide table row per model (columns ``auroc_<score>_<set>``, ``fpr95_…``,
+    ``<attack>_acc_<ε·255>``), each number the mean over seeds with its sample standard
+    deviation ``<col>_seeds_std`` (:func:`~poincare_resnet.evaluation.tables.mean_over_seeds`).
 
     Parameters
     ----------
@@ -81,16 +92,21 @@ def run(
         The OOD evaluation.
     attacks, eps, pgd_steps, attack_limit
         The robustness evaluation.
+    seeds : int, str or sequence of int, optional
+        The seeds, e.g. ``"0,1,2"`` (default: ``seed`` alone). Each run's seed sets its
+        initialisation, data order, OOD draws and PGD starts; the synthetic OOD sets are drawn
+        once, from the first seed, so all runs are scored on the same images.
     seed, threads, device
-        Seed (data order, OOD draws, PGD starts), torch CPU threads and device.
+        The seed when ``seeds`` is not given; torch CPU threads and device.
 
     Returns
     -------
     list of dict
-        The table rows, one per model.
+        The table rows, one per model (means over seeds, ``n_seeds``, ``diverged_seeds``).
     """
     out = Path(out_dir)
     models = as_str_tuple(models)
+    seeds = _check_seeds(as_tuple(seed if seeds is None else seeds, int))
     dataset = pick(dataset, "fashion-mnist", "digits", tiny)
     epochs = int(pick(epochs, 5, 1, tiny))
     batch_size = int(pick(batch_size, 128, 32, tiny))
@@ -102,36 +118,91 @@ def run(
     eps = as_tuple(eps, float)
     data = load_dataset(dataset, data_dir)
     test_x, test_y = data.test_x, data.test_y
-    sets = resolve_ood_sets(ood_sets, test_x, seed)
+    sets = resolve_ood_sets(ood_sets, test_x, seeds[0])
     n_att = len(test_y) if attack_limit is None else min(int(attack_limit), len(test_y))
     ev = _Evaluation(
-        test_x, test_y, sets, scores, repeats, attacks, eps, pgd_steps, n_att, seed, device
+        test_x, test_y, sets, scores, repeats, attacks, eps, pgd_steps, n_att, seeds[0], device
     )
-    rows: list[dict[str, Any]] = []
-    all_attack_rows: list[dict[str, Any]] = []
-    all_ood_rows: list[dict[str, Any]] = []
     recipe = TrainRecipe(
-        dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+        dataset, data_dir, epochs, batch_size, lr, limit_train, seeds[0], threads, device
     )
+    per_seed = _Rows()
     with torch_threads(threads):
         for name in models:
-            cfg = recipe.config(
-                name, out / "runs" / name, optimizer=optimizer, weight_decay=weight_decay
-            )
-            row, ood, att = _compare_model(name, cfg, recipe, ev, log)
-            rows.append(row)
-            all_ood_rows += ood
-            all_attack_rows += att
-    title = f"Robust accuracy on {dataset} ({n_att} test images)"
-    _write_tables(out, rows, all_ood_rows, all_attack_rows, title)
-    _write_summary(out, rows, recipe, optimizer)
+            for s in seeds:
+                run_recipe = dataclasses.replace(recipe, seed=s)
+                cfg = run_recipe.config(
+                    name,
+                    out / "runs" / name / f"seed{s}",
+                    optimizer=optimizer,
+                    weight_decay=weight_decay,
+                )
+                per_seed.add(s, *_compare_model(name, cfg, run_recipe, ev.with_seed(s), log))
+    rows = _model_rows(per_seed.models, models)
+    title = f"Robust accuracy on {dataset} ({n_att} test images, mean over {len(seeds)} seeds)"
+    tables = (
+        rows,
+        mean_over_seeds(per_seed.ood, _group_keys(per_seed.ood, ("model", "ood_set", "score"))),
+        mean_over_seeds(
+            per_seed.attacks, _group_keys(per_seed.attacks, ("model", "attack", "eps", "eps_255"))
+        ),
+    )
+    _write_tables(out, *tables, title)
+    _write_summary(out, rows, per_seed, recipe, optimizer, seeds)
+    return rows
+
+
+def _group_keys(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """``keys`` and every other text column of ``rows`` (an attack's loss, say): the columns
+    that name one row of a seed's table."""
+    text = [k for r in rows for k, v in r.items() if isinstance(v, str) and k not in keys]
+    return (*keys, *dict.fromkeys(text))
+
+
+def _check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """``seeds`` if they are distinct and in ``[0, 2**63)``; ``ValueError`` otherwise."""
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2**63:
+        raise ValueError(f"seeds must be distinct integers in [0, 2**63), got {seeds}")
+    return seeds
+
+
+@dataclass
+class _Rows:
+    """The per-seed rows (each with its ``seed``): wide model rows, OOD rows, attack rows."""
+
+    models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    ood: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    attacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(self, seed: int, row: dict, ood: list[dict], att: list[dict]) -> None:
+        self.models.append({**row, "seed": seed})
+        self.ood += [{**r, "seed": seed} for r in ood]
+        self.attacks += [{**r, "seed": seed} for r in att]
+
+
+def _model_rows(per_seed: list[dict[str, Any]], models: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per model: the mean ± std over its finished seeds, ``diverged_seeds`` the
+    others (a model whose every seed diverged: ``error`` and ``n_seeds = 0``)."""
+    finished = [r for r in per_seed if "error" not in r]
+    means = {r["model"]: r for r in mean_over_seeds(finished, ("model", "dataset", "epochs"))}
+    rows = []
+    for name in models:
+        diverged = sum(1 for r in per_seed if r["model"] == name and "error" in r)
+        row = means.get(name, {"model": name, "n_seeds": 0, "error": "non-finite"})
+        rows.append({**row, "diverged_seeds": diverged})
     return rows
 
 
 def _write_summary(
-    out: Path, rows: list[dict[str, Any]], recipe: TrainRecipe, optimizer: str
+    out: Path,
+    rows: list[dict[str, Any]],
+    per_seed: _Rows,
+    recipe: TrainRecipe,
+    optimizer: str,
+    seeds: tuple[int, ...],
 ) -> None:
-    """``compare_summary.json``: the training recipe and the model rows."""
+    """``compare_summary.json``: the training recipe, the seeds, the model rows (means and
+    sample stds) and every per-seed row."""
     recipe_facts = {
         "dataset": recipe.dataset,
         "epochs": recipe.epochs,
@@ -139,8 +210,12 @@ def _write_summary(
         "lr": recipe.lr,
         "optimizer": optimizer,
         "limit_train": recipe.limit_train,
+        "seeds": list(seeds),
     }
-    write_json(out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows})
+    per = {"models": per_seed.models, "ood": per_seed.ood, "attacks": per_seed.attacks}
+    write_json(
+        out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows, "per_seed": per}
+    )
 
 
 @dataclass(frozen=True)
@@ -159,13 +234,17 @@ class _Evaluation:
     seed: int
     device: str
 
+    def with_seed(self, seed: int) -> _Evaluation:
+        """The same evaluation with the OOD draws and PGD starts of ``seed``."""
+        return dataclasses.replace(self, seed=seed)
+
 
 def _compare_model(
     name: str, cfg: TrainConfig, recipe: TrainRecipe, ev: _Evaluation, log: Log
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Train model ``name`` and evaluate it: its wide row, its OOD rows and its attack rows."""
     row: dict[str, Any] = {"model": name, "dataset": recipe.dataset, "epochs": recipe.epochs}
-    summary = train_or_none(cfg, log, f"compare: {name}")
+    summary = train_or_reuse(cfg, log, f"compare: {name} seed {recipe.seed}")
     if summary is None:
         return {**row, "error": "non-finite"}, [], []
     model, _meta = load_model(summary["run_dir"], ev.device)
@@ -179,7 +258,7 @@ def _compare_model(
     att = attack_rows(model, *attacked, ev.attacks, ev.eps, ev.pgd_steps, seed=ev.seed)
     _add_columns(row, ood, att)
     log(
-        f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
+        f"compare: {name} seed {recipe.seed}: test top-1 {row['test_top1']:.4f}, "
         f"{row['mean_epoch_time_s']:.2f} s/epoch"
     )
     return row, [{"model": name, **r} for r in ood], [{"model": name, **r} for r in att]
