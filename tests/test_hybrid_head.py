@@ -104,6 +104,20 @@ def test_mlr_head_logits_are_the_hyperplane_distances(dtype):
         torch.testing.assert_close(model.forward_head(f), want, **tol)
 
 
+def test_mlr_head_stays_in_float32_under_bf16_autocast():
+    """The backbone's bf16 features are upcast; the scores are those of the float32 features."""
+    torch.manual_seed(0)
+    model = create_model("hybrid_resnet20", num_classes=5, in_chans=1, **TINY)
+    f = (torch.rand(4, 32) * 3).bfloat16()
+    with torch.no_grad():
+        want = model.forward_head(f.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.forward_head(f)
+            full = model(torch.randn(2, 1, 8, 8).tanh())
+    assert got.dtype == full.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ["hybrid_resnet20", "hybrid_resnet18"])
 def test_new_hybrids_record_the_mlr_head_and_old_configs_rebuild_the_fc_head(name):
     """A new model's config says ``hybrid_head="mlr"``; a config (or format-1 ``model_kwargs``)
