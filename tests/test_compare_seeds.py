@@ -8,10 +8,11 @@ import json
 import statistics
 
 import pytest
+from _helpers import tiny_config
 
 from poincare_resnet.evaluation.tables import SEEDS_STD, mean_over_seeds, write_table
 from poincare_resnet.experiments import run_experiment
-from poincare_resnet.experiments.common import TrainRecipe, same_recipe_run
+from poincare_resnet.experiments.common import TrainRecipe, same_recipe_run, train_or_reuse
 from poincare_resnet.training import trainer
 
 OPTIONS = {
@@ -64,7 +65,7 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
     assert len(attacks) == 8 and att_csv.count("±") >= 4
     assert " ± " in (tmp_path / "compare.md").read_text()
 
-    runs = [tmp_path / "runs" / "euclidean_resnet20" / f"seed{s}" for s in (0, 1)]
+    runs = [tmp_path / "runs" / f"euclidean_resnet20-seed{s}" for s in (0, 1)]
     stamps = [(r / "best.safetensors").stat().st_mtime_ns for r in runs]
 
     def no_training(*_a, **_k):
@@ -88,3 +89,18 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
 def test_seeds_must_be_distinct(tmp_path):
     with pytest.raises(ValueError, match="seeds must be distinct"):
         run_experiment("compare", tmp_path, tiny=True, **{**OPTIONS, "seeds": "1,1"})
+
+
+def test_an_interrupted_run_of_the_same_recipe_is_resumed_not_restarted(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config(run, epochs=1, ckpt_every_steps=1, keep_checkpoints=10, overwrite=True)
+    train_or_reuse(dataclasses.replace(cfg, max_steps=1), lambda _m: None, "first")
+    assert not (run / "summary.json").exists()
+    step1 = run / "checkpoints" / "ckpt-00000001.safetensors"
+    stamp = step1.stat().st_mtime_ns
+    messages: list[str] = []
+    summary = train_or_reuse(cfg, messages.append, "second")
+    assert messages == [f"second: resuming the unfinished run {run}"]
+    assert summary is not None and (run / "summary.json").is_file()
+    # a restart would have replaced the run and written step 1's checkpoint again
+    assert step1.stat().st_mtime_ns == stamp

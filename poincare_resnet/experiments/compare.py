@@ -2,11 +2,12 @@
 accuracy, epoch time, OOD detection (energy and feature-norm scores against synthetic sets) and
 FGSM / PGD robust accuracy on the paper's ε grid, side by side.
 
-Every model is trained once per seed (``seeds``), into ``runs/<model>/seed<k>``; a finished run
-of the same recipe there is reused and an unfinished one resumed, so an interrupted compare
-continues where it stopped. The tables report every number as the mean over seeds and its
-sample standard deviation (``<col>_seeds_std``; ``mean ± std`` in the Markdown, ``n_seeds``
-noted); the per-seed values are in ``compare_summary.json``.
+Every model is trained once per seed (``seeds``), into ``runs/<model>-seed<k>`` (beside, not
+inside, the ``runs/<model>`` of the compares before seeds); a finished run of the same recipe
+there is reused and an unfinished one resumed, so an interrupted compare continues where it
+stopped. The tables report every number as the mean over seeds and its sample standard
+deviation (``<col>_seeds_std``; ``mean ± std`` in the Markdown, ``n_seeds`` noted); the
+per-seed values are in ``compare_summary.json``.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def run(
                 run_recipe = dataclasses.replace(recipe, seed=s)
                 cfg = run_recipe.config(
                     name,
-                    out / "runs" / name / f"seed{s}",
+                    out / "runs" / f"{name}-seed{s}",
                     optimizer=optimizer,
                     weight_decay=weight_decay,
                 )
