@@ -13,10 +13,11 @@ from _helpers import tiny_config
 from poincare_resnet.evaluation.tables import SEEDS_STD, mean_over_seeds, write_table
 from poincare_resnet.experiments import run_experiment
 from poincare_resnet.experiments.common import TrainRecipe, same_recipe_run, train_or_reuse
+from poincare_resnet.experiments.compare import model_spec
 from poincare_resnet.training import trainer
 
 OPTIONS = {
-    "models": "euclidean_resnet20",
+    "models": "hybrid_resnet20:hybrid_head=fc",  # a model with options (the capped head)
     "seeds": "0,1",
     "attacks": "fgsm",
     "ood_sets": "gaussian",
@@ -52,7 +53,7 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
     per_seed = summary["per_seed"]["models"]
     assert [r["seed"] for r in per_seed] == [0, 1] and summary["recipe"]["seeds"] == [0, 1]
     (row,) = rows
-    assert row["n_seeds"] == 2 and row["diverged_seeds"] == 0
+    assert row["model"] == OPTIONS["models"] and row["n_seeds"] == 2 and row["diverged_seeds"] == 0
     numbers = [k for k, v in per_seed[0].items() if isinstance(v, float)]
     assert {"test_top1", "auroc_energy_gaussian", "fgsm_acc_0.8"} <= set(numbers)
     for k in numbers:
@@ -65,7 +66,7 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
     assert len(attacks) == 8 and att_csv.count("±") >= 4
     assert " ± " in (tmp_path / "compare.md").read_text()
 
-    runs = [tmp_path / "runs" / f"euclidean_resnet20-seed{s}" for s in (0, 1)]
+    runs = [tmp_path / "runs" / f"hybrid_resnet20_hybrid_head=fc-seed{s}" for s in (0, 1)]
     stamps = [(r / "best.safetensors").stat().st_mtime_ns for r in runs]
 
     def no_training(*_a, **_k):
@@ -79,16 +80,33 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
     assert rows2[0]["test_top1"] == row["test_top1"]
 
     cfg = TrainRecipe("digits", None, 1, 32, 1e-3, 64, 1, 1, "cpu").config(
-        "euclidean_resnet20", runs[1], optimizer="adam", weight_decay=1e-4
+        "hybrid_resnet20",
+        runs[1],
+        optimizer="adam",
+        weight_decay=1e-4,
+        model_kwargs={"hybrid_head": "fc"},
     )
     assert same_recipe_run(cfg)
     assert not same_recipe_run(dataclasses.replace(cfg, lr=2e-3))
     assert not same_recipe_run(dataclasses.replace(cfg, seed=0))
+    assert not same_recipe_run(dataclasses.replace(cfg, model_kwargs={}))
 
 
-def test_seeds_must_be_distinct(tmp_path):
+def test_seeds_models_and_model_specs_are_checked(tmp_path):
     with pytest.raises(ValueError, match="seeds must be distinct"):
         run_experiment("compare", tmp_path, tiny=True, **{**OPTIONS, "seeds": "1,1"})
+    with pytest.raises(ValueError, match="models must be distinct"):
+        run_experiment("compare", tmp_path, tiny=True, models="hybrid_resnet20,hybrid_resnet20")
+    assert model_spec("hybrid_resnet20:hybrid_head=fc:c=0.5:learnable_c=false") == (
+        "hybrid_resnet20",
+        {"hybrid_head": "fc", "c": 0.5, "learnable_c": False},
+    )
+    assert model_spec("poincare_resnet20") == ("poincare_resnet20", {})
+    with pytest.raises(ValueError, match="expected name:key=value"):
+        model_spec("hybrid_resnet20:hybrid_head")
+    with pytest.raises(ValueError, match="unknown model option.*'head'"):
+        model_spec("hybrid_resnet20:head=fc")
+    assert not list(tmp_path.iterdir())  # nothing was trained or written
 
 
 def test_an_interrupted_run_of_the_same_recipe_is_resumed_not_restarted(tmp_path):

@@ -13,6 +13,7 @@ per-seed values are in ``compare_summary.json``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_
 from ..evaluation.plots import plot_accuracy_vs_eps
 from ..evaluation.tables import mean_over_seeds
 from ..evaluation.tables import write_table_atomic as write_table
+from ..models.registry import check_model_kwargs
 from ..training.checkpoint import atomic_output
 from .common import (
     Log,
@@ -61,6 +63,7 @@ def run(
     lr: float = 1e-3,
     optimizer: str = "adam",
     weight_decay: float = 1e-4,
+    no_decay: str = "standard",
     limit_train: int | None = None,
     ood_sets: Any = ("digits", "gaussian", "uniform"),
     scores: Any = ("energy", "feature_norm"),
@@ -86,9 +89,12 @@ def run(
         The output directory of the compare tables (one wide row per model), figure and
         summary; tiny sizes (the ``None`` defaults depend on it); the progress log.
     models : sequence of str
-        Registered model names.
-    dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, limit_train
-        The one training recipe.
+        Registered model names, each optionally with model options, ``name:key=value:…``
+        (:func:`model_spec`; e.g. ``hybrid_resnet20:hybrid_head=fc``, the capped head); the
+        spec is the model's label in the tables.
+    dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, no_decay, limit_train
+        The one training recipe (``no_decay``: ``--no-decay``, the parameters weight decay
+        spares).
     ood_sets, scores, repeats
         The OOD evaluation.
     attacks, eps, pgd_steps, attack_limit
@@ -107,6 +113,9 @@ def run(
     """
     out = Path(out_dir)
     models = as_str_tuple(models)
+    specs = {label: model_spec(label) for label in models}
+    if len(specs) != len(models):
+        raise ValueError(f"models must be distinct, got {models}")
     seeds = _check_seeds(as_tuple(seed if seeds is None else seeds, int))
     dataset = pick(dataset, "fashion-mnist", "digits", tiny)
     epochs = int(pick(epochs, 5, 1, tiny))
@@ -129,16 +138,18 @@ def run(
     )
     per_seed = _Rows()
     with torch_threads(threads):
-        for name in models:
+        for label, (name, kwargs) in specs.items():
             for s in seeds:
                 run_recipe = dataclasses.replace(recipe, seed=s)
                 cfg = run_recipe.config(
                     name,
-                    out / "runs" / f"{name}-seed{s}",
+                    out / "runs" / f"{label.replace(':', '_')}-seed{s}",
                     optimizer=optimizer,
                     weight_decay=weight_decay,
+                    no_decay=no_decay,
+                    model_kwargs=kwargs,
                 )
-                per_seed.add(s, *_compare_model(name, cfg, run_recipe, ev.with_seed(s), log))
+                per_seed.add(s, *_compare_model(label, cfg, run_recipe, ev.with_seed(s), log))
     rows = _model_rows(per_seed.models, models)
     title = f"Robust accuracy on {dataset} ({n_att} test images, mean over {len(seeds)} seeds)"
     tables = (
@@ -149,7 +160,10 @@ def run(
         ),
     )
     _write_tables(out, *tables, title)
-    _write_summary(out, rows, per_seed, recipe, optimizer, seeds)
+    facts = _recipe_facts(
+        recipe, seeds, optimizer=optimizer, weight_decay=weight_decay, no_decay=no_decay
+    )
+    _write_summary(out, rows, per_seed, facts)
     return rows
 
 
@@ -158,6 +172,37 @@ def _group_keys(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str,
     that name one row of a seed's table."""
     text = [k for r in rows for k, v in r.items() if isinstance(v, str) and k not in keys]
     return (*keys, *dict.fromkeys(text))
+
+
+def model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value:key=value"`` → (registered name, model options).
+
+    Values are read as JSON where they parse (``learnable_c=true``, ``c=0.5``), else kept as
+    text (``hybrid_head=fc``). Raises ``ValueError`` for an unknown model or option (before
+    anything is trained), a word without ``=`` or a key given twice.
+
+    Parameters
+    ----------
+    spec : str
+        The model and its options.
+
+    Returns
+    -------
+    tuple
+        ``(name, {option: value})``.
+    """
+    name, *items = spec.split(":")
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key in options:
+            raise ValueError(f"model spec {spec!r}: expected name:key=value:…, each key once")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    check_model_kwargs(name, options)
+    return name, options
 
 
 def _check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
@@ -194,29 +239,25 @@ def _model_rows(per_seed: list[dict[str, Any]], models: tuple[str, ...]) -> list
     return rows
 
 
-def _write_summary(
-    out: Path,
-    rows: list[dict[str, Any]],
-    per_seed: _Rows,
-    recipe: TrainRecipe,
-    optimizer: str,
-    seeds: tuple[int, ...],
-) -> None:
-    """``compare_summary.json``: the training recipe, the seeds, the model rows (means and
-    sample stds) and every per-seed row."""
-    recipe_facts = {
+def _recipe_facts(recipe: TrainRecipe, seeds: tuple[int, ...], **options: Any) -> dict[str, Any]:
+    """The training recipe as ``compare_summary.json`` records it."""
+    facts = {
         "dataset": recipe.dataset,
         "epochs": recipe.epochs,
         "batch_size": recipe.batch_size,
         "lr": recipe.lr,
-        "optimizer": optimizer,
         "limit_train": recipe.limit_train,
-        "seeds": list(seeds),
     }
+    return {**facts, **options, "seeds": list(seeds)}
+
+
+def _write_summary(
+    out: Path, rows: list[dict[str, Any]], per_seed: _Rows, recipe: dict[str, Any]
+) -> None:
+    """``compare_summary.json``: the training recipe, the model rows (means and sample stds)
+    and every per-seed row."""
     per = {"models": per_seed.models, "ood": per_seed.ood, "attacks": per_seed.attacks}
-    write_json(
-        out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows, "per_seed": per}
-    )
+    write_json(out / f"{SLUG}_summary.json", {"recipe": recipe, "models": rows, "per_seed": per})
 
 
 @dataclass(frozen=True)
