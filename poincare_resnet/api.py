@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .data import load_dataset, trained_image_size
-from .models.registry import build_from_config, create_model
+from .models.registry import build_from_config, create_model, defaults_when_absent
 from .training.checkpoint import (
     CheckpointError,
     atomic_output,
@@ -91,7 +91,8 @@ def rebuild_model(meta: dict[str, Any], source: str = "checkpoint") -> nn.Module
         f"{name} changed since it was trained, this is a different network",
         stacklevel=3,
     )
-    kwargs = dict(meta.get("model_kwargs") or {})
+    # an option added since has the value such a checkpoint was built with, not today's default
+    kwargs = {**defaults_when_absent(name), **(meta.get("model_kwargs") or {})}
     num_classes = _meta_int(meta, "num_classes", source)
     in_chans = _meta_int(meta, "in_chans", source)
     kwargs.pop("num_classes", None)

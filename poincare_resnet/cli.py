@@ -74,7 +74,7 @@ def _kv_pairs(items: Sequence[str]) -> dict[str, Any]:
 
 
 def _add_train(sub) -> None:
-    from .training.config import LOGGERS, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
+    from .training.config import LOGGERS, NO_DECAY, OPTIMIZERS, PRECISIONS, SCHEDULES, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser(
@@ -120,6 +120,13 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--no-decay",
+        choices=NO_DECAY,
+        default=d.no_decay,
+        help="parameters without weight decay: standard = curvatures, norm weights, biases; "
+        "curvature = curvatures only; none = every parameter decays (runs before this option)",
+    )
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
     p.add_argument("--step-size", type=int, default=d.step_size, help="epochs per step decay")
     p.add_argument("--gamma", type=float, default=d.gamma, help="step decay factor")
@@ -419,6 +426,9 @@ def _add_experiment(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--seeds", default=None, help="compare: comma list of seeds, e.g. 0,1,2 (mean ± std)"
+    )
     p.add_argument("--dataset", default=None)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=None)
@@ -439,6 +449,7 @@ def _cmd_experiment(args) -> int:
         "threads",
         "device",
         "seed",
+        "seeds",
         "dataset",
         "data_dir",
         "epochs",

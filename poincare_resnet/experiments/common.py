@@ -358,7 +358,9 @@ class TrainRecipe:
         )
 
 
-def train_or_none(cfg: TrainConfig, log: Log, what: str) -> dict[str, Any] | None:
+def train_or_none(
+    cfg: TrainConfig, log: Log, what: str, resume: str | None = None
+) -> dict[str, Any] | None:
     """:func:`~poincare_resnet.training.train` without its log lines; ``None`` (and the log line
     ``"<what> diverged: ..."``) when it stops on a non-finite loss.
 
@@ -370,6 +372,8 @@ def train_or_none(cfg: TrainConfig, log: Log, what: str) -> dict[str, Any] | Non
         Where the divergence is reported.
     what : str
         The run's name in that line.
+    resume : str, optional
+        Continue the run in this directory (its recipe is its ``config.json``'s).
 
     Returns
     -------
@@ -379,7 +383,74 @@ def train_or_none(cfg: TrainConfig, log: Log, what: str) -> dict[str, Any] | Non
     from ..training.trainer import NonFiniteError, train
 
     try:
-        return train(cfg, log=lambda _m: None)
+        return train(cfg, resume=resume, log=lambda _m: None)
     except NonFiniteError as e:
         log(f"{what} diverged: {e}")
         return None
+
+
+def _recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg``'s options that say what the run is (not where it goes or how this process runs
+    it), as JSON would store them."""
+    from ..training.config import RUNTIME_OPTIONS
+
+    skip = {*RUNTIME_OPTIONS, "out", "overwrite", "progress"}
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
+    return json.loads(json.dumps(options))
+
+
+def same_recipe_run(cfg: TrainConfig) -> bool:
+    """Whether ``cfg.out`` holds a run of exactly ``cfg``'s recipe (finished or not).
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run wanted.
+
+    Returns
+    -------
+    bool
+        ``True`` when ``cfg.out/config.json`` is readable and records the same options as
+        ``cfg``, runtime options (threads, logging, ``max_steps``, ...) aside.
+    """
+    from ..training.rundir import RunDirError, load_run_config
+
+    run = Path(cfg.out) if cfg.out else None
+    if run is None or not (run / "config.json").is_file():
+        return False
+    try:
+        return _recipe(load_run_config(run)) == _recipe(cfg)
+    except (RunDirError, TypeError):
+        return False
+
+
+def train_or_reuse(cfg: TrainConfig, log: Log, what: str) -> dict[str, Any] | None:
+    """The summary of the run ``cfg`` describes, training only what is missing.
+
+    A finished run of the same recipe in ``cfg.out`` (:func:`same_recipe_run`, with its
+    ``summary.json``) is reused as it is; an unfinished one is resumed from its last
+    checkpoint; anything else there is replaced by a new run (:func:`train_or_none`).
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+        The run (``out`` set; ``overwrite`` to replace another run there).
+    log : callable
+        Reuse, resumption and divergence are reported here.
+    what : str
+        The run's name in those lines.
+
+    Returns
+    -------
+    dict or None
+        The run's summary (``None``: it diverged).
+    """
+    run = Path(cfg.out or "")
+    if same_recipe_run(cfg):
+        summary = run / "summary.json"
+        if summary.is_file():
+            log(f"{what}: reusing the finished run {run}")
+            return json.loads(summary.read_text(encoding="utf-8"))
+        log(f"{what}: resuming the unfinished run {run}")
+        return train_or_none(cfg, log, what, resume=str(run))
+    return train_or_none(cfg, log, what)

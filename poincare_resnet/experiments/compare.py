@@ -1,10 +1,19 @@
 """``compare``: Euclidean, hybrid and Poincaré ResNet-20 trained with one recipe, then test
 accuracy, epoch time, OOD detection (energy and feature-norm scores against synthetic sets) and
 FGSM / PGD robust accuracy on the paper's ε grid, side by side.
+
+Every model is trained once per seed (``seeds``), into ``runs/<model>-seed<k>`` (beside, not
+inside, the ``runs/<model>`` of the compares before seeds); a finished run of the same recipe
+there is reused and an unfinished one resumed, so an interrupted compare continues where it
+stopped. The tables report every number as the mean over seeds and its sample standard
+deviation (``<col>_seeds_std``; ``mean ± std`` in the Markdown, ``n_seeds`` noted); the
+per-seed values are in ``compare_summary.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +25,9 @@ from ..data import load_dataset
 from ..evaluation.attacks import PAPER_FGSM_EPS
 from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
 from ..evaluation.plots import plot_accuracy_vs_eps
+from ..evaluation.tables import mean_over_seeds
 from ..evaluation.tables import write_table_atomic as write_table
+from ..models.registry import check_model_kwargs
 from ..training.checkpoint import atomic_output
 from .common import (
     Log,
@@ -25,7 +36,7 @@ from .common import (
     as_tuple,
     pick,
     torch_threads,
-    train_or_none,
+    train_or_reuse,
     write_json,
 )
 
@@ -52,6 +63,7 @@ def run(
     lr: float = 1e-3,
     optimizer: str = "adam",
     weight_decay: float = 1e-4,
+    no_decay: str = "standard",
     limit_train: int | None = None,
     ood_sets: Any = ("digits", "gaussian", "uniform"),
     scores: Any = ("energy", "feature_norm"),
@@ -60,13 +72,16 @@ def run(
     eps: Any = PAPER_FGSM_EPS,
     pgd_steps: int | None = None,
     attack_limit: int | None = None,
+    seeds: Any = None,
     seed: int = 0,
     threads: int | None = None,
     device: str = "cpu",
     log: Log = print,
 ) -> list[dict[str, Any]]:
-    """Train every model of ``models`` with one recipe and evaluate it; one wide table row per
-    model (columns ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>``).
+    """Train every model of ``models`` with one recipe, once per seed, and evaluate it; one
+    wide table row per model (columns ``auroc_<score>_<set>``, ``fpr95_…``,
+    ``<attack>_acc_<ε·255>``), each number the mean over seeds with its sample standard
+    deviation ``<col>_seeds_std`` (:func:`~poincare_resnet.evaluation.tables.mean_over_seeds`).
 
     Parameters
     ----------
@@ -74,23 +89,34 @@ def run(
         The output directory of the compare tables (one wide row per model), figure and
         summary; tiny sizes (the ``None`` defaults depend on it); the progress log.
     models : sequence of str
-        Registered model names.
-    dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, limit_train
-        The one training recipe.
+        Registered model names, each optionally with model options, ``name:key=value:…``
+        (:func:`model_spec`; e.g. ``hybrid_resnet20:hybrid_head=fc``, the capped head); the
+        spec is the model's label in the tables.
+    dataset, data_dir, epochs, batch_size, lr, optimizer, weight_decay, no_decay, limit_train
+        The one training recipe (``no_decay``: ``--no-decay``, the parameters weight decay
+        spares).
     ood_sets, scores, repeats
         The OOD evaluation.
     attacks, eps, pgd_steps, attack_limit
         The robustness evaluation.
+    seeds : int, str or sequence of int, optional
+        The seeds, e.g. ``"0,1,2"`` (default: ``seed`` alone). Each run's seed sets its
+        initialisation, data order, OOD draws and PGD starts; the synthetic OOD sets are drawn
+        once, from the first seed, so all runs are scored on the same images.
     seed, threads, device
-        Seed (data order, OOD draws, PGD starts), torch CPU threads and device.
+        The seed when ``seeds`` is not given; torch CPU threads and device.
 
     Returns
     -------
     list of dict
-        The table rows, one per model.
+        The table rows, one per model (means over seeds, ``n_seeds``, ``diverged_seeds``).
     """
     out = Path(out_dir)
     models = as_str_tuple(models)
+    specs = {label: model_spec(label) for label in models}
+    if len(specs) != len(models):
+        raise ValueError(f"models must be distinct, got {models}")
+    seeds = _check_seeds(as_tuple(seed if seeds is None else seeds, int))
     dataset = pick(dataset, "fashion-mnist", "digits", tiny)
     epochs = int(pick(epochs, 5, 1, tiny))
     batch_size = int(pick(batch_size, 128, 32, tiny))
@@ -102,45 +128,136 @@ def run(
     eps = as_tuple(eps, float)
     data = load_dataset(dataset, data_dir)
     test_x, test_y = data.test_x, data.test_y
-    sets = resolve_ood_sets(ood_sets, test_x, seed)
+    sets = resolve_ood_sets(ood_sets, test_x, seeds[0])
     n_att = len(test_y) if attack_limit is None else min(int(attack_limit), len(test_y))
     ev = _Evaluation(
-        test_x, test_y, sets, scores, repeats, attacks, eps, pgd_steps, n_att, seed, device
+        test_x, test_y, sets, scores, repeats, attacks, eps, pgd_steps, n_att, seeds[0], device
     )
-    rows: list[dict[str, Any]] = []
-    all_attack_rows: list[dict[str, Any]] = []
-    all_ood_rows: list[dict[str, Any]] = []
     recipe = TrainRecipe(
-        dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
+        dataset, data_dir, epochs, batch_size, lr, limit_train, seeds[0], threads, device
     )
+    per_seed = _Rows()
     with torch_threads(threads):
-        for name in models:
-            cfg = recipe.config(
-                name, out / "runs" / name, optimizer=optimizer, weight_decay=weight_decay
-            )
-            row, ood, att = _compare_model(name, cfg, recipe, ev, log)
-            rows.append(row)
-            all_ood_rows += ood
-            all_attack_rows += att
-    title = f"Robust accuracy on {dataset} ({n_att} test images)"
-    _write_tables(out, rows, all_ood_rows, all_attack_rows, title)
-    _write_summary(out, rows, recipe, optimizer)
+        for label, (name, kwargs) in specs.items():
+            for s in seeds:
+                run_recipe = dataclasses.replace(recipe, seed=s)
+                cfg = run_recipe.config(
+                    name,
+                    out / "runs" / f"{label.replace(':', '_')}-seed{s}",
+                    optimizer=optimizer,
+                    weight_decay=weight_decay,
+                    no_decay=no_decay,
+                    model_kwargs=kwargs,
+                )
+                per_seed.add(s, *_compare_model(label, cfg, run_recipe, ev.with_seed(s), log))
+    rows = _model_rows(per_seed.models, models)
+    title = f"Robust accuracy on {dataset} ({n_att} test images, mean over {len(seeds)} seeds)"
+    tables = (
+        rows,
+        mean_over_seeds(per_seed.ood, _group_keys(per_seed.ood, ("model", "ood_set", "score"))),
+        mean_over_seeds(
+            per_seed.attacks, _group_keys(per_seed.attacks, ("model", "attack", "eps", "eps_255"))
+        ),
+    )
+    _write_tables(out, *tables, title)
+    facts = _recipe_facts(
+        recipe, seeds, optimizer=optimizer, weight_decay=weight_decay, no_decay=no_decay
+    )
+    _write_summary(out, rows, per_seed, facts)
     return rows
 
 
-def _write_summary(
-    out: Path, rows: list[dict[str, Any]], recipe: TrainRecipe, optimizer: str
-) -> None:
-    """``compare_summary.json``: the training recipe and the model rows."""
-    recipe_facts = {
+def _group_keys(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[str, ...]:
+    """``keys`` and every other text column of ``rows`` (an attack's loss, say): the columns
+    that name one row of a seed's table."""
+    text = [k for r in rows for k, v in r.items() if isinstance(v, str) and k not in keys]
+    return (*keys, *dict.fromkeys(text))
+
+
+def model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value:key=value"`` → (registered name, model options).
+
+    Values are read as JSON where they parse (``learnable_c=true``, ``c=0.5``), else kept as
+    text (``hybrid_head=fc``). Raises ``ValueError`` for an unknown model or option (before
+    anything is trained), a word without ``=`` or a key given twice.
+
+    Parameters
+    ----------
+    spec : str
+        The model and its options.
+
+    Returns
+    -------
+    tuple
+        ``(name, {option: value})``.
+    """
+    name, *items = spec.split(":")
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or key in options:
+            raise ValueError(f"model spec {spec!r}: expected name:key=value:…, each key once")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    check_model_kwargs(name, options)
+    return name, options
+
+
+def _check_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """``seeds`` if they are distinct and in ``[0, 2**63)``; ``ValueError`` otherwise."""
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2**63:
+        raise ValueError(f"seeds must be distinct integers in [0, 2**63), got {seeds}")
+    return seeds
+
+
+@dataclass
+class _Rows:
+    """The per-seed rows (each with its ``seed``): wide model rows, OOD rows, attack rows."""
+
+    models: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    ood: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    attacks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(self, seed: int, row: dict, ood: list[dict], att: list[dict]) -> None:
+        self.models.append({**row, "seed": seed})
+        self.ood += [{**r, "seed": seed} for r in ood]
+        self.attacks += [{**r, "seed": seed} for r in att]
+
+
+def _model_rows(per_seed: list[dict[str, Any]], models: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per model: the mean ± std over its finished seeds, ``diverged_seeds`` the
+    others (a model whose every seed diverged: ``error`` and ``n_seeds = 0``)."""
+    finished = [r for r in per_seed if "error" not in r]
+    means = {r["model"]: r for r in mean_over_seeds(finished, ("model", "dataset", "epochs"))}
+    rows = []
+    for name in models:
+        diverged = sum(1 for r in per_seed if r["model"] == name and "error" in r)
+        row = means.get(name, {"model": name, "n_seeds": 0, "error": "non-finite"})
+        rows.append({**row, "diverged_seeds": diverged})
+    return rows
+
+
+def _recipe_facts(recipe: TrainRecipe, seeds: tuple[int, ...], **options: Any) -> dict[str, Any]:
+    """The training recipe as ``compare_summary.json`` records it."""
+    facts = {
         "dataset": recipe.dataset,
         "epochs": recipe.epochs,
         "batch_size": recipe.batch_size,
         "lr": recipe.lr,
-        "optimizer": optimizer,
         "limit_train": recipe.limit_train,
     }
-    write_json(out / f"{SLUG}_summary.json", {"recipe": recipe_facts, "models": rows})
+    return {**facts, **options, "seeds": list(seeds)}
+
+
+def _write_summary(
+    out: Path, rows: list[dict[str, Any]], per_seed: _Rows, recipe: dict[str, Any]
+) -> None:
+    """``compare_summary.json``: the training recipe, the model rows (means and sample stds)
+    and every per-seed row."""
+    per = {"models": per_seed.models, "ood": per_seed.ood, "attacks": per_seed.attacks}
+    write_json(out / f"{SLUG}_summary.json", {"recipe": recipe, "models": rows, "per_seed": per})
 
 
 @dataclass(frozen=True)
@@ -159,13 +276,17 @@ class _Evaluation:
     seed: int
     device: str
 
+    def with_seed(self, seed: int) -> _Evaluation:
+        """The same evaluation with the OOD draws and PGD starts of ``seed``."""
+        return dataclasses.replace(self, seed=seed)
+
 
 def _compare_model(
     name: str, cfg: TrainConfig, recipe: TrainRecipe, ev: _Evaluation, log: Log
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Train model ``name`` and evaluate it: its wide row, its OOD rows and its attack rows."""
     row: dict[str, Any] = {"model": name, "dataset": recipe.dataset, "epochs": recipe.epochs}
-    summary = train_or_none(cfg, log, f"compare: {name}")
+    summary = train_or_reuse(cfg, log, f"compare: {name} seed {recipe.seed}")
     if summary is None:
         return {**row, "error": "non-finite"}, [], []
     model, _meta = load_model(summary["run_dir"], ev.device)
@@ -179,7 +300,7 @@ def _compare_model(
     att = attack_rows(model, *attacked, ev.attacks, ev.eps, ev.pgd_steps, seed=ev.seed)
     _add_columns(row, ood, att)
     log(
-        f"compare: {name}: test top-1 {row['test_top1']:.4f}, "
+        f"compare: {name} seed {recipe.seed}: test top-1 {row['test_top1']:.4f}, "
         f"{row['mean_epoch_time_s']:.2f} s/epoch"
     )
     return row, [{"model": name, **r} for r in ood], [{"model": name, **r} for r in att]

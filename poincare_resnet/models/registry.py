@@ -215,15 +215,43 @@ def build_from_config(name: str, config: dict[str, Any]) -> nn.Module:
             f"{cls.__name__} does not take (valid: {', '.join(valid)})"
         )
     given = {*config, *(config.get("layers") or {})}
-    new = [k for k in valid if k not in given and k != "layers"]
+    implied = {k: v for k, v in defaults_when_absent(name).items() if k not in given}
+    new = [k for k in valid if k not in given and k != "layers" and k not in implied]
     if new:
         warnings.warn(
             f"model config of {name} lacks argument(s) {', '.join(new)} (added to "
             f"{cls.__name__} since); using their defaults",
             stacklevel=2,
         )
-    model = _build(name, dict(config))
+    if implied:
+        warnings.warn(
+            f"model config of {name} lacks argument(s) {', '.join(implied)} (added to "
+            f"{cls.__name__} since); using what a config without them was built with: "
+            + ", ".join(f"{k}={v!r}" for k, v in implied.items()),
+            stacklevel=2,
+        )
+    model = _build(name, {**implied, **config})
     model.model_name = name
-    model.model_kwargs = dict(config)
-    model.model_config = resolved_config(name, config)
+    model.model_kwargs = {**implied, **config}
+    model.model_config = resolved_config(name, model.model_kwargs)
     return model
+
+
+def defaults_when_absent(name: str) -> dict[str, Any]:
+    """The options model ``name`` gained after checkpoints of it were written, each with the
+    value that a stored config (or a format-1 checkpoint's ``model_kwargs``) without the key
+    was built with: its class's ``config_defaults_when_absent`` (e.g. the hybrids'
+    ``{"hybrid_head": "fc"}``, whose default for new models is ``"mlr"``).
+
+    Parameters
+    ----------
+    name : str
+        A registered or official model name.
+
+    Returns
+    -------
+    dict
+        ``{option: value}``; empty for a model whose options all predate its checkpoints.
+    """
+    base, _ = resolve_model_name(name)
+    return dict(getattr(_REGISTRY[base], "config_defaults_when_absent", {}))

@@ -26,6 +26,7 @@ from ..nn import (
     PoincareConv2d,
     PoincareGlobalAvgPool2d,
     PoincareLinear,
+    PoincareMLR,
     PoincareResidual,
     TangentReLU,
     conv_norm,
@@ -532,16 +533,75 @@ class EuclideanResNet(_EuclideanNet):
         self._setup_head(widths[2], num_classes, head)
 
 
-def hybrid_head(features: int, num_classes: int, c: float, learnable_c: bool, init: str):
-    """The hybrid models' Poincaré FC head and its curvature (SPEC §9): the pooled features
-    are read as tangent vectors at the origin of a ball with curvature −c (learnable)."""
+#: The hybrid models' heads (``hybrid_head``): ``"mlr"``, the HNN++ multinomial logistic
+#: regression (logits = signed hyperplane distances, :class:`~poincare_resnet.nn.PoincareMLR`),
+#: and ``"fc"``, a Poincaré FC layer whose output tangent is the logits (their norm is capped).
+HYBRID_HEADS = ("mlr", "fc")
+
+
+def build_hybrid_head(
+    features: int,
+    num_classes: int,
+    c: float,
+    learnable_c: bool,
+    kind: str = "mlr",
+    init: str | None = None,
+) -> tuple[nn.Module, Curvature]:
+    """The hybrid models' Poincaré head and its curvature (SPEC §9): the pooled Euclidean
+    features ``f`` are read as tangent vectors at the origin of a ball of curvature −c.
+
+    ``kind="mlr"``: logits ``v_k(expmap0(f))``, the signed hyperplane distances of HNN++'s MLR
+    (:class:`~poincare_resnet.nn.PoincareMLR`),
+    ``v_k(x) = (2‖z_k‖/√c) asinh(√c λ_x ⟨x, ẑ_k⟩ cosh(2√c r_k) − (λ_x − 1) sinh(2√c r_k))``;
+    they grow with ``‖z_k‖``, so the softmax can approach 1. ``kind="fc"`` (the models before
+    this option): logits ``logmap0(FC(expmap0(f)))`` of a :class:`PoincareLinear`, whose norm
+    the ball's clip bounds by ``artanh(1 − ε)/√c`` (≈ 3.11 at c = 1 in float32): the best
+    softmax is then ``1/(1 + (K − 1) exp(−R √(K/(K − 1))))``, ≈ 0.75 for K = 10 and ≈ 0.19 for
+    K = 100.
+
+    Parameters
+    ----------
+    features, num_classes : int
+        The pooled features ``D`` and the classes ``K``.
+    c, learnable_c
+        The curvature −c of the head's ball (learnable: stored as ``softplus⁻¹(c)``).
+    kind : str
+        One of :data:`HYBRID_HEADS`.
+    init : str, optional
+        The ``"fc"`` head's init (default ``"identity"``); the MLR head has its own (normal
+        weights of std ``(2DK)^{-1/2}``, zero offsets) and takes none.
+
+    Returns
+    -------
+    tuple
+        ``(head, curvature)``; the head holds the curvature module.
+
+    Shapes
+    ------
+    The head maps ``[B, D]`` → ``[B, K]``.
+    """
+    if kind not in HYBRID_HEADS:
+        raise ValueError(f"unknown hybrid_head {kind!r}; choose one of {HYBRID_HEADS}")
+    if kind == "mlr" and init is not None:
+        raise ValueError(
+            f"init={init!r} is the FC head's (hybrid_head='fc'); the MLR head has its own init"
+        )
     curvature = Curvature(c, learnable=learnable_c)
-    return PoincareLinear(features, num_classes, c=curvature, init=init), curvature
+    if kind == "mlr":
+        return PoincareMLR(features, num_classes, c=curvature), curvature
+    head = PoincareLinear(features, num_classes, c=curvature, init=init or "identity")
+    return head, curvature
 
 
 class HybridResNet(EuclideanResNet):
-    """Euclidean backbone with a Poincaré FC head (SPEC §9): the pooled features are read as
-    tangent vectors at the origin of a ball with learnable curvature (initialised at ``c``)."""
+    """Euclidean backbone with a Poincaré head (SPEC §9): the pooled features are read as
+    tangent vectors at the origin of a ball with learnable curvature (initialised at ``c``);
+    ``hybrid_head`` chooses the head (:func:`build_hybrid_head`: ``"mlr"``, uncapped hyperplane
+    distances; ``"fc"``, the capped FC head of the models before this option, which a config
+    without the key rebuilds: :attr:`config_defaults_when_absent`)."""
+
+    #: the value a stored model config without the key was built with (the option is newer)
+    config_defaults_when_absent = {"hybrid_head": "fc"}
 
     def __init__(
         self,
@@ -551,11 +611,14 @@ class HybridResNet(EuclideanResNet):
         in_chans: int = 3,
         c: float = 1.0,
         learnable_c: bool = True,
-        init: str = "identity",
+        hybrid_head: str = "mlr",
+        init: str | None = None,
         layers: EuclideanLayers | dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         widths = check_widths(widths)
-        head, curvature = hybrid_head(widths[2], num_classes, c, learnable_c, init)
+        head, curvature = build_hybrid_head(
+            widths[2], num_classes, c, learnable_c, hybrid_head, init
+        )
         super().__init__(depth, widths, num_classes, in_chans, head, layers, **options)
         self.curvature = curvature

@@ -25,14 +25,15 @@ from ..nn import Curvature, conv_norm
 from .resnet import (
     EuclideanBasicBlock,
     EuclideanLayers,
+    HybridResNet,
     PoincareBasicBlock,
     PoincareLayers,
     _EuclideanNet,
     _PoincareBlock,
     _PoincareNet,
     _ResNetBase,
+    build_hybrid_head,
     check_widths,
-    hybrid_head,
     make_stages,
 )
 
@@ -228,8 +229,11 @@ class EuclideanImageNetResNet(_ImageNetTopology, _EuclideanNet):
 
 
 class HybridImageNetResNet(EuclideanImageNetResNet):
-    """Euclidean ResNet-18/34/50 backbone with a Poincaré FC head (curvature −c, learnable,
-    initialised at 1), like :class:`~poincare_resnet.models.resnet.HybridResNet`."""
+    """Euclidean ResNet-18/34/50 backbone with a Poincaré head (curvature −c, learnable,
+    initialised at 1; ``hybrid_head`` ``"mlr"`` or the older, capped ``"fc"``), like
+    :class:`~poincare_resnet.models.resnet.HybridResNet`."""
+
+    config_defaults_when_absent = HybridResNet.config_defaults_when_absent
 
     def __init__(
         self,
@@ -240,13 +244,16 @@ class HybridImageNetResNet(EuclideanImageNetResNet):
         stem: str = "cifar",
         c: float = 1.0,
         learnable_c: bool = True,
-        init: str = "identity",
+        hybrid_head: str = "mlr",
+        init: str | None = None,
         layers: EuclideanLayers | dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         kind, _ = arch(depth)
         expansion = 1 if kind == "basic" else EuclideanBottleneck.expansion
         features = check_widths(widths, 4)[3] * expansion
-        head, curvature = hybrid_head(features, num_classes, c, learnable_c, init)
+        head, curvature = build_hybrid_head(
+            features, num_classes, c, learnable_c, hybrid_head, init
+        )
         super().__init__(depth, widths, num_classes, in_chans, stem, head, layers, **options)
         self.curvature = curvature

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .. import ball
 from ..ball import MIN_NORM
+from ._dispatch import full_precision, no_autocast
 from .curvature import Curvature, as_curvature
 from .fc_map import fc_tangent, fc_tangent_legacy
 from .init import INITS, init_poincare_weight
@@ -137,7 +138,9 @@ class PoincareMLR(nn.Module):
 
     Input: tangent vectors at the origin (last axis); ``weight [num_classes, in_features]``,
     ``bias [num_classes]``. An alternative head to a :class:`PoincareLinear` whose output tangent
-    is a monotone function of the same scores.
+    is a monotone function of the same scores (and whose norm the ball's clip caps; these
+    scores grow with ``‖z_k‖``). Under autocast the scores are computed in float32 from
+    upcast inputs, like the other hyperbolic maps.
     """
 
     def __init__(self, in_features: int, num_classes: int, c: float | Curvature = 0.1) -> None:
@@ -148,6 +151,8 @@ class PoincareMLR(nn.Module):
         nn.init.normal_(self.weight, 0.0, (2.0 * in_features * num_classes) ** -0.5)
 
     def forward(self, u: Tensor) -> Tensor:
-        c = self.curvature()
-        x = ball.expmap0(u, c=c, dim=-1)
-        return ball.hyperplane_distances(x, self.weight, self.bias, c=c, dim=-1)
+        u = full_precision(u)  # the hyperbolic maths stays in float32 under autocast
+        with no_autocast(u):
+            c = self.curvature()
+            x = ball.expmap0(u, c=c, dim=-1)
+            return ball.hyperplane_distances(x, self.weight, self.bias, c=c, dim=-1)

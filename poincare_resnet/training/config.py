@@ -17,6 +17,14 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 NAN_POLICIES = ("stop", "skip")
 LOGGERS = ("jsonl", "tensorboard")
+#: ``--no-decay``: which parameters weight decay spares
+#: (:func:`~poincare_resnet.training.optim.no_decay_parameter_names`). ``"standard"``:
+#: curvatures, norm weights and biases; ``"curvature"``: curvatures only; ``"none"``: nothing,
+#: every parameter decays (the runs before the option).
+NO_DECAY = ("standard", "curvature", "none")
+#: options added after runs were recorded, with the value a run's ``config.json`` without the
+#: key implies (what that run did), so that a resumed old run keeps its behaviour
+ABSENT_RUN_OPTIONS: dict[str, Any] = {"no_decay": "none"}
 # options that say how this process runs, not what the run is: taken from the caller on --resume
 RUNTIME_OPTIONS = ("max_steps", "progress", "threads", "log_every", "eval_batch_size", "workers")
 
@@ -36,6 +44,7 @@ class TrainConfig:
     lr: float = 5e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    no_decay: str = "standard"
     schedule: str = "cosine"
     step_size: int = 30
     gamma: float = 0.1
@@ -80,6 +89,7 @@ class TrainConfig:
                 f"--val-fraction must be in (0, 1), got {self.val_fraction}",
             ),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
+            (self.no_decay in NO_DECAY, f"--no-decay must be one of {NO_DECAY}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {SCHEDULES}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
             (self.dtype in DTYPES, f"--dtype must be one of {tuple(DTYPES)}"),

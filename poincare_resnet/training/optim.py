@@ -4,11 +4,89 @@ grad scaler)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from ..nn import Curvature, PoincareBatchNorm2d
+from .config import NO_DECAY, TrainConfig
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, PoincareBatchNorm2d)
+
+
+def no_decay_parameter_names(model: nn.Module, rule: str = "standard") -> list[str]:
+    """The names (as ``model.named_parameters()`` gives them, each parameter once) of the
+    parameters that weight decay must not pull toward 0 under ``rule``.
+
+    * **curvature** (every rule but ``"none"``): the parameter of a learnable
+      :class:`~poincare_resnet.nn.Curvature` module, ``raw = softplus⁻¹(c)``. Decay pulls
+      ``raw`` toward 0, i.e. ``c`` toward ``softplus(0) = ln 2``, which is no prior anyone
+      means; one shared module is one parameter, whatever the layers sharing it.
+    * **norm weight** (``"standard"``): every parameter of a normalisation layer,
+      ``nn.BatchNorm*`` / ``SyncBatchNorm`` / ``InstanceNorm*`` (``_NormBase``), ``GroupNorm``,
+      ``LayerNorm`` and :class:`~poincare_resnet.nn.PoincareBatchNorm2d` (its scale and its
+      mean point ``bias``): decay would shrink the scale that the normalisation exists to set.
+    * **bias** (``"standard"``): every parameter named ``bias`` (convs, linear layers, the
+      Poincaré layers' hyperplane offsets ``r_k``, the MLR head's).
+
+    Everything else decays: conv and linear weights (Euclidean and Poincaré), and a residual
+    block's learnable scale α.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    rule : str
+        One of :data:`NO_DECAY`.
+
+    Returns
+    -------
+    list of str
+        The exempt parameters' names, in ``named_parameters()`` order.
+    """
+    if rule not in NO_DECAY:
+        raise ValueError(f"unknown no-decay rule {rule!r}; choose one of {NO_DECAY}")
+    exempt: set[int] = set()
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
+        if rule != "none" and isinstance(module, Curvature):
+            exempt.update(map(id, own.values()))
+        if rule == "standard":
+            norm = isinstance(module, _NORM_LAYERS)
+            exempt.update(id(p) for k, p in own.items() if norm or k == "bias")
+    return [name for name, p in model.named_parameters() if id(p) in exempt]
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, rule: str = "standard"
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: those that require a gradient, ``weight_decay`` on
+    all but :func:`no_decay_parameter_names` (``rule``), which get ``weight_decay=0``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The network.
+    weight_decay : float
+        The decay of the decayed group.
+    rule : str
+        One of :data:`NO_DECAY`.
+
+    Returns
+    -------
+    list of dict
+        ``[{"params", "weight_decay"}, ...]``: the decayed group, then the exempt one; an
+        empty group is left out, so ``rule="none"`` gives exactly one group (the layout of the
+        optimizer states of runs before the option).
+    """
+    exempt = set(no_decay_parameter_names(model, rule))
+    named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for k, p in named if k not in exempt], "weight_decay": weight_decay},
+        {"params": [p for k, p in named if k in exempt], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -22,7 +100,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     ----------
     cfg : TrainConfig
         ``optimizer`` (``adam``, ``adamw`` or ``sgd``, Nesterov when ``momentum > 0``), ``lr``,
-        ``momentum``, ``weight_decay``.
+        ``momentum``, ``weight_decay`` and ``no_decay`` (the parameters it spares:
+        :func:`parameter_groups`).
     model : nn.Module
         Its parameters that require a gradient are optimised.
 
@@ -31,20 +110,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     torch.optim.Optimizer
         The optimizer, ``fused=True`` where :func:`_fused_available`.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, cfg.weight_decay, cfg.no_decay)
+    params = [p for g in groups for p in g["params"]]
     fused = True if _fused_available(params) else None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-            nesterov=cfg.momentum > 0,
-            fused=fused,
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, fused=fused
         )
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+    return torch.optim.Adam(groups, lr=cfg.lr, fused=fused)
 
 
 def _fused_available(params: list[nn.Parameter]) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from .checkpoint import atomic_write_text
-from .config import TrainConfig
+from .config import ABSENT_RUN_OPTIONS, TrainConfig
 
 # config.json's marker: a directory is a run of this tool (and --overwrite may replace it) only
 # when its config.json says so. Format 2: the marker and the resolved ``model_config``.
@@ -242,7 +242,8 @@ def load_run_config(run: Path) -> TrainConfig:
     Returns
     -------
     TrainConfig
-        Its options (keys that are not fields, such as the marker, are left out).
+        Its options (keys that are not fields, such as the marker, are left out; an option
+        the file predates takes the value :data:`~.config.ABSENT_RUN_OPTIONS` gives it).
     """
     try:
         data = json.loads((run / "config.json").read_text(encoding="utf-8"))
@@ -251,4 +252,4 @@ def load_run_config(run: Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise RunDirError(f"{run / 'config.json'} does not hold a JSON object")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in data.items() if k in known})
+    return TrainConfig(**{**ABSENT_RUN_OPTIONS, **{k: v for k, v in data.items() if k in known}})
