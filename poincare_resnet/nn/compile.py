@@ -6,8 +6,8 @@ Two defaults of the compiler stack cost a Poincaré model much more than a Eucli
   channels-last on the CPU. The Poincaré layers then read their ``[B, C, H·W]`` maps with the
   channels innermost: the per-pixel channel reductions become horizontal ones, the
   ``[K, C] @ [B, C, P]`` products strided, and with 8 channels half of each 16-lane vector is
-  empty. Off, a compiled Poincaré block (8 channels, 16×16, batch 16, forward + backward,
-  one thread, best of 30 steps, two runs on a loaded machine) took 0.64–0.77× the time.
+  empty. Off, a compiled Poincaré block (16×16, batch 16, forward + backward, one thread,
+  best of 30 steps on a loaded machine) took 0.64–0.77× the time with 8 channels, 0.91× with 16.
 * **The min-cut partitioner's recompute bans** (``torch._functorch.config``). The hand-written
   backward passes recompute their intermediates from the saved inputs; in AOT autograd's joint
   graph those recomputations are the same expressions as the forward's and are merged with them,
