@@ -24,6 +24,10 @@ On CUDA the steps are timed with CUDA events.
     python benchmarks/train_step.py            # ResNet-20/32, widths 8-16-32 and 16-32-64
     python benchmarks/train_step.py --depths 20 --widths 8-16-32 --no-compile --repeats 5
     python benchmarks/train_step.py --path torch --depths 20 --widths 8-16-32
+    python benchmarks/train_step.py --path torch --modes compile --compile-options default
+
+Compiled rows use ``poincare_resnet.nn.compile.compile_model`` for the Poincaré model (inductor's
+layout optimisation off, the partitioner's recompute bans lifted; ``--compile-options``).
 
 Run it alone: another busy process on the same cores distorts every number.
 """
@@ -59,7 +63,7 @@ def _child(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(args.batch, 3, 32, 32, generator=gen) * 2 - 1).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
-    run_model = torch.compile(model) if args.mode == "compile" else model
+    run_model = _compiled(model, args) if args.mode == "compile" else model
 
     def train_step() -> None:
         loss = torch.nn.functional.cross_entropy(run_model(x), y)
@@ -126,6 +130,20 @@ def _child(args: argparse.Namespace) -> None:
     )
 
 
+def _compiled(model, args: argparse.Namespace):
+    """The model under ``torch.compile``: with :func:`poincare_resnet.nn.compile.compile_model`'s
+    settings for the Poincaré model (``--compile-options tuned``, the default) or for both
+    models (``tuned-both``), torch's defaults otherwise (``default``)."""
+    import torch
+
+    from poincare_resnet.nn.compile import compile_model
+
+    tuned = args.compile_options == "tuned-both" or (
+        args.compile_options == "tuned" and args.family == "poincare"
+    )
+    return compile_model(model) if tuned else torch.compile(model)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--depths", default="20,32")
@@ -137,6 +155,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--modes", default="eager,compile")
     p.add_argument("--no-compile", action="store_true", help="eager mode only")
+    p.add_argument(
+        "--compile-options",
+        choices=("tuned", "default", "tuned-both"),
+        default="tuned",
+        help="compile mode: tuned = the Poincaré model with poincare_resnet.nn.compile's "
+        "settings, the Euclidean one with torch's defaults; default = torch's defaults for "
+        "both; tuned-both = the settings for both",
+    )
     p.add_argument(
         "--path",
         choices=("native", "torch"),
@@ -192,6 +218,8 @@ def main() -> None:
                         str(args.threads),
                         "--device",
                         args.device,
+                        "--compile-options",
+                        args.compile_options,
                     ]
                     if args.native:
                         cmd += ["--native", args.native]
@@ -205,6 +233,7 @@ def main() -> None:
                 row = {
                     "model": f"ResNet-{depth} ({widths})",
                     "mode": mode,
+                    "compile_options": args.compile_options if mode == "compile" else None,
                     "eucl_train_ms": e["train_ms"],
                     "poinc_train_ms": h["train_ms"],
                     "train_ratio": h["train_ms"] / e["train_ms"],
@@ -276,7 +305,8 @@ def _table(rows: list[dict], args) -> str:
     path = {"on": "native", "off": "torch"}.get(args.native, "native")
     head = (
         f"batch {args.batch}, path {path}, {args.threads} threads, device {args.device}, "
-        f"medians of {args.repeats} steps after {args.warmup} warm-up steps\n\n"
+        f"medians of {args.repeats} steps after {args.warmup} warm-up steps, compile options "
+        f"{args.compile_options}\n\n"
         "| model | mode | train step Eucl. / Poinc. (ms) | ratio | eval fwd Eucl. / Poinc. "
         "(ms) | ratio | peak mem Eucl. / Poinc. (MiB) | ratio | activations (B → 2B, step RSS) "
         "Eucl. / Poinc. (MiB) | ratio | activations (B → 2B, allocator) Eucl. / Poinc. (MiB) "
