@@ -421,9 +421,7 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
     h, root = _fc_asinh(_fc_q(dots, a, e, ch, sh))
     g_raw = h * zn2
-    # no gradient where g was clamped (NaN is not clamped: its gradient stays NaN)
-    clamped = _ind(g_raw.abs(), torch.gt, FC_ARG_LIMIT)
-    psi = g_raw.clamp_(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
+    psi = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
     psi2 = psi * psi
     kappa, kp2, p = _fc_kappa(psi2.sum(dim, keepdim=True), sc, dtype, backward=True)
     # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'‖ψ‖/‖ψ‖)(⟨G, ψ⟩/‖ψ‖) ψ, ordered so that nothing
@@ -431,10 +429,12 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
     g_psi = torch.linalg.vecdot(grad, psi, dim=dim).unsqueeze(dim)  # ⟨G, ψ⟩
     grad_g = torch.addcmul(kappa * grad, (kp2 / p) * (g_psi / p), psi)
     del psi
-    # ψ = sinh(g), g = 2|z| asinh(q):  ∂ψ/∂g = cosh(g) = √(1 + ψ²)
-    zero = torch.zeros((), dtype=dtype, device=dots.device)
-    grad_g = _pick(clamped, zero, grad_g.mul_(psi2.add_(1).sqrt_()))
-    del psi2, clamped
+    # ψ = sinh(g), g = 2|z| asinh(q):  ∂ψ/∂g = cosh(g) = √(1 + ψ²); no gradient where g was
+    # clamped, in one pass (the clamp's own backward; NaN is not clamped: its gradient stays NaN)
+    grad_g = torch.ops.aten.hardtanh_backward(
+        grad_g.mul_(psi2.add_(1).sqrt_()), g_raw, -FC_ARG_LIMIT, FC_ARG_LIMIT
+    )
+    del psi2, g_raw
     grad_znorm = 2 * (grad_g * h).sum_to_size(zn2.shape).view(-1) if needs[2] else None
     del h
     grad_q = grad_g.mul_(zn2).div_(root)  # ∂asinh(q)/∂q = 1/√(1 + q²)

@@ -7,8 +7,9 @@ The map and reverse mode of the native kernel (``poincare_resnet/_cpp/residual.c
     o = x ⊕ y  (x, y = x_f, x_r; swapped when f_first is false) = K f + c_r res
     out = logmap0(project(o)) = lg·o,   lg = atanh(min(√c‖o‖, 1 − eps)) / (√c‖o‖)
 
-The scalars depend on ``‖f‖², ‖res‖², ⟨f, res⟩`` only; ``o`` is formed explicitly and its
-products are taken from it (no cancellation when ``o ≈ 0``). :class:`TorchResidual` saves
+The scalars depend on ``‖f‖², ‖res‖², ⟨f, res⟩`` only; the forward forms ``o`` explicitly and
+takes ``‖o‖²`` from it (no cancellation when ``o ≈ 0``); the backward does not form ``o``
+(:func:`residual_backward`). :class:`TorchResidual` saves
 ``f``, ``res`` (and α) and recomputes the rest; α is a float, ``None`` or a one-element tensor
 (its gradient is returned when it needs one); ``c`` a float or a tensor needing no gradient.
 """
@@ -94,15 +95,25 @@ def residual_map(f, res, a, c, proj_eps: float, t_max: float, f_first: bool) -> 
 
 
 def residual_backward(g, f, res, a, c, proj_eps: float, t_max: float, f_first: bool):
-    """``(∂f, ∂res, ∂α)`` of :func:`residual_map` (the line-by-line adjoint of the kernel)."""
-    q = _pixel(*_sums(f, res), a, c, t_max, f_first)
-    o = torch.addcmul(q.cr * res, q.k, f)
-    d_lg = _dot(g, o)
-    lg, d_o2 = _logmap_scale(_sq(o), c, 1 - proj_eps, d_lg)
+    """``(∂f, ∂res, ∂α)`` of :func:`residual_map` (the line-by-line adjoint of the kernel).
+
+    ``o = K f + c_r res`` is not formed: its products ``⟨g, o⟩``, ``⟨o, f⟩``, ``⟨o, res⟩``,
+    ``‖o‖²`` follow from ``⟨g, f⟩, ⟨g, res⟩`` and the three sums, and ``∂L/∂o = lg g + 2∂o2 o``
+    enters the gradients as per-pixel coefficients on ``g``, ``f``, ``res``. Where ``o ≈ 0``
+    those products cancel, but there they only meet ``∂o2`` (bounded, ``∂lg/∂o2 → c/3``) and
+    ``o`` itself, so the error stays at rounding of the kept terms."""
+    sff, srr, sfr = _sums(f, res)
+    q = _pixel(sff, srr, sfr, a, c, t_max, f_first)
+    k, cr = q.k, q.cr
+    gf, gr = _dot(g, f), _dot(g, res)
+    of = torch.addcmul(k * sff, cr, sfr)  # ⟨o, f⟩
+    orr = torch.addcmul(k * sfr, cr, srr)  # ⟨o, res⟩
+    d_lg = torch.addcmul(k * gf, cr, gr)  # ⟨g, o⟩
+    lg, d_o2 = _logmap_scale(torch.addcmul(k * of, cr, orr), c, 1 - proj_eps, d_lg)
     two_p = 2 * d_o2
     # ∂L/∂o = lg g + 2 ∂o2 o;  o = K f + c_r res
-    d_k = lg * _dot(g, f) + two_p * _dot(o, f)
-    d_cr = lg * _dot(g, res) + two_p * _dot(o, res)
+    d_k = torch.addcmul(lg * gf, two_p, of)
+    d_cr = torch.addcmul(lg * gr, two_p, orr)
     d_cf = d_k * a
     d_a = d_k * q.cf
     if f_first:
@@ -126,11 +137,12 @@ def residual_backward(g, f, res, a, c, proj_eps: float, t_max: float, f_first: b
     d_nr2 = _radial_back(q.rr, d_ar, d_thr, c, t_max)
     d_a = d_a + d_nf2 * q.sff * 2 * a + d_fr * q.sfr
     # ∂f = K ∂o + 2 ∂Sff f + ∂Sfr res,  ∂res = c_r ∂o + 2 ∂Srr res + ∂Sfr f,
-    # ∂o = lg g + 2 ∂o2 o with o kept explicit (o ≈ 0 when K f ≈ −c_r res)
-    d_o = o.mul_(two_p).addcmul_(lg, g)
+    # ∂o = lg g + 2 ∂o2 (K f + c_r res)
     d_sfr = d_fr * a
-    grad_f = torch.addcmul(d_sfr * res, q.k, d_o).addcmul_(2 * d_nf2 * (a * a), f)
-    grad_r = torch.addcmul(d_sfr * f, q.cr, d_o).addcmul_(2 * d_nr2, res)
+    tk = two_p * k
+    cross = torch.addcmul(d_sfr, tk, cr)  # on res in ∂f, on f in ∂res
+    grad_f = torch.addcmul(cross * res, lg * k, g).addcmul_(tk * k + 2 * d_nf2 * (a * a), f)
+    grad_r = torch.addcmul(cross * f, lg * cr, g).addcmul_(two_p * cr * cr + 2 * d_nr2, res)
     return grad_f, grad_r, d_a.sum(dtype=torch.float64)
 
 
