@@ -1,7 +1,10 @@
 """The Poincaré midpoint batch norm in PyTorch ops with a hand-written backward (any device).
 
-The same map, the same float32-stable algebra and the same reverse mode as the native CPU
-kernels (``poincare_resnet/_cpp/batchnorm.cpp``), written as PyTorch operations on ``[B, C, P]``
+The same map and the same float32-stable forms (``d = x − μ``, float64 [C]-sized maths) as the
+native CPU kernels (``poincare_resnet/_cpp/batchnorm.cpp``); the per-pixel output chain is
+shorter than theirs (the gyration as ``s_w (p_μ μ + m + p_β β)`` with four per-call constants,
+``‖gyr w‖ = ‖w‖``), so its terms are not named one for one with the C++ and Triton code. Written
+as PyTorch operations on ``[B, C, P]``
 maps with the per-pixel scalars as ``[B, 1, P]`` tensors, so that it runs wherever PyTorch
 runs (GPUs, a curvature tensor that needs no gradient) and agrees with the native path by
 construction. Per pixel, with ``x = expmap0(v) = ax·v``::
