@@ -217,6 +217,9 @@ def _saved_bytes_eager(module: torch.nn.Module, x: torch.Tensor) -> int:
     return sum(seen.values())
 
 
+# two compilations of a block with a cold inductor cache: minutes on a fresh CI machine (CI went
+# from 9 to 18 min with it); run it with -m slow after changing the Functions or compile_model
+@pytest.mark.slow
 def test_compiled_block_saves_no_more_than_eager(torch_path):
     """With :data:`PARTITIONER_OPTIONS` the compiled Poincaré block keeps at most what eager
     autograd keeps (its Functions save their inputs only). With the partitioner's defaults it
