@@ -150,6 +150,9 @@ def test_every_model_inductor_on_torch_path(name, torch_path):
     _check_model_compiles(name, "inductor", 1e-3)
 
 
+# 92 s with a cold inductor cache; the inductor equality is covered by the native-path block test
+# and the PyTorch path's compile by test_model_fullgraph_on_torch_path
+@pytest.mark.slow
 @torch._inductor.config.patch({"cpp.vec_isa_ok": False})
 def test_block_inductor_on_torch_path(torch_path):
     """The block test above with the PyTorch path's Functions lowered by inductor, compiled by
