@@ -76,6 +76,7 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
     again: list[str] = []
     rows2 = run_experiment("compare", tmp_path, tiny=True, log=again.append, **OPTIONS)
     assert sum("reusing the finished run" in m for m in again) == 2
+    assert sum("reusing its evaluation" in m for m in again) == 2  # nothing attacked twice
     assert [(r / "best.safetensors").stat().st_mtime_ns for r in runs] == stamps
     assert rows2[0]["test_top1"] == row["test_top1"]
 
@@ -90,6 +91,30 @@ def test_compare_over_two_seeds_reports_mean_and_std_and_reuses_finished_runs(
     assert not same_recipe_run(dataclasses.replace(cfg, lr=2e-3))
     assert not same_recipe_run(dataclasses.replace(cfg, seed=0))
     assert not same_recipe_run(dataclasses.replace(cfg, model_kwargs={}))
+
+
+def test_compare_worst_case_zero_gradients_and_evaluation_cache(tmp_path, monkeypatch):
+    """Two attacks give a ``worst`` row per ε, never above either attack (per image AND), and
+    the zero-gradient column; a second compare with the same settings reads the cached
+    evaluation (no attack runs), one with another attack budget evaluates again."""
+    from poincare_resnet.experiments import compare
+
+    opts = {**OPTIONS, "seeds": "0", "attacks": "fgsm,square", "eps": "0.1", "queries": 3}
+    run_experiment("compare", tmp_path, tiny=True, log=lambda _m: None, **opts)
+    att = json.loads((tmp_path / "compare_summary.json").read_text())["per_seed"]["attacks"]
+    acc = {r["attack"]: r["accuracy"] for r in att}
+    assert set(acc) == {"fgsm", "square", "worst"}
+    assert acc["worst"] <= min(acc["fgsm"], acc["square"])
+    (row,) = json.loads((tmp_path / "compare_summary.json").read_text())["per_seed"]["models"]
+    assert 0.0 <= row["zero_grad_inputs"] <= 1.0 and "worst_acc_25.5" in row
+
+    calls: list[int] = []
+    real = compare.attack_rows
+    monkeypatch.setattr(compare, "attack_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_experiment("compare", tmp_path, tiny=True, log=lambda _m: None, **opts)
+    assert calls == []
+    run_experiment("compare", tmp_path, tiny=True, log=lambda _m: None, **{**opts, "queries": 4})
+    assert calls == [1]
 
 
 def test_seeds_models_and_model_specs_are_checked(tmp_path):

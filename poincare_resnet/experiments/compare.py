@@ -13,6 +13,7 @@ per-seed values are in ``compare_summary.json``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..api import load_model
+from ..api import load_model, resolve_checkpoint
 from ..data import load_dataset
-from ..evaluation.attacks import PAPER_FGSM_EPS
+from ..evaluation.attacks import PAPER_FGSM_EPS, zero_grad_fraction
 from ..evaluation.commands import attack_rows, ood_scores_and_rows, resolve_ood_sets
 from ..evaluation.plots import plot_accuracy_vs_eps
+from ..evaluation.square_attack import SQUARE_QUERIES
 from ..evaluation.tables import mean_over_seeds
 from ..evaluation.tables import write_table_atomic as write_table
 from ..models.registry import check_model_kwargs
@@ -72,6 +74,8 @@ def run(
     eps: Any = PAPER_FGSM_EPS,
     pgd_steps: int | None = None,
     attack_limit: int | None = None,
+    restarts: int = 1,
+    queries: int = SQUARE_QUERIES,
     seeds: Any = None,
     seed: int = 0,
     threads: int | None = None,
@@ -97,8 +101,12 @@ def run(
         spares).
     ood_sets, scores, repeats
         The OOD evaluation.
-    attacks, eps, pgd_steps, attack_limit
-        The robustness evaluation.
+    attacks, eps, pgd_steps, attack_limit, restarts, queries
+        The robustness evaluation (:func:`~poincare_resnet.evaluation.commands.attack_rows`:
+        ``pgd_steps`` and ``restarts`` of the iterated attacks, ``queries`` of ``square``);
+        with two or more attacks a ``worst`` row per ε (per image, correct under every
+        attack), and every model's fraction of exactly-zero input gradients
+        (``zero_grad_inputs``, the gradient-masking check).
     seeds : int, str or sequence of int, optional
         The seeds, e.g. ``"0,1,2"`` (default: ``seed`` alone). Each run's seed sets its
         initialisation, data order, OOD draws and PGD starts; the synthetic OOD sets are drawn
@@ -131,7 +139,19 @@ def run(
     sets = resolve_ood_sets(ood_sets, test_x, seeds[0])
     n_att = len(test_y) if attack_limit is None else min(int(attack_limit), len(test_y))
     ev = _Evaluation(
-        test_x, test_y, sets, scores, repeats, attacks, eps, pgd_steps, n_att, seeds[0], device
+        test_x,
+        test_y,
+        sets,
+        scores,
+        repeats,
+        attacks,
+        eps,
+        pgd_steps,
+        n_att,
+        seeds[0],
+        device,
+        int(restarts),
+        int(queries),
     )
     recipe = TrainRecipe(
         dataset, data_dir, epochs, batch_size, lr, limit_train, seeds[0], threads, device
@@ -275,6 +295,24 @@ class _Evaluation:
     n_att: int
     seed: int
     device: str
+    restarts: int = 1
+    queries: int = SQUARE_QUERIES
+
+    def key(self) -> dict[str, Any]:
+        """The settings a cached evaluation must match (besides the checkpoint)."""
+        return {
+            "ood_sets": sorted(self.sets),
+            "scores": list(self.scores),
+            "repeats": self.repeats,
+            "attacks": list(self.attacks),
+            "eps": list(self.eps),
+            "pgd_steps": self.pgd_steps,
+            "n_att": self.n_att,
+            "seed": self.seed,
+            "restarts": self.restarts,
+            "queries": self.queries,
+            "n_test": len(self.test_y),
+        }
 
     def with_seed(self, seed: int) -> _Evaluation:
         """The same evaluation with the OOD draws and PGD starts of ``seed``."""
@@ -289,21 +327,54 @@ def _compare_model(
     summary = train_or_reuse(cfg, log, f"compare: {name} seed {recipe.seed}")
     if summary is None:
         return {**row, "error": "non-finite"}, [], []
-    model, _meta = load_model(summary["run_dir"], ev.device)
     row.update(
         params=summary["params"],
         test_top1=summary["test_top1"],
         mean_epoch_time_s=summary["mean_epoch_time_s"],
     )
-    ood, _, _ = ood_scores_and_rows(model, ev.test_x, ev.sets, ev.scores, ev.repeats, seed=ev.seed)
-    attacked = (ev.test_x[: ev.n_att], ev.test_y[: ev.n_att])
-    att = attack_rows(model, *attacked, ev.attacks, ev.eps, ev.pgd_steps, seed=ev.seed)
+    ood, att, zero = _evaluate_or_reuse(
+        Path(summary["run_dir"]), ev, log, f"{name} seed {recipe.seed}"
+    )
+    row.update(zero)
     _add_columns(row, ood, att)
     log(
         f"compare: {name} seed {recipe.seed}: test top-1 {row['test_top1']:.4f}, "
         f"{row['mean_epoch_time_s']:.2f} s/epoch"
     )
     return row, [{"model": name, **r} for r in ood], [{"model": name, **r} for r in att]
+
+
+EVAL_FILE = "compare_eval.json"
+
+
+def _evaluate_or_reuse(
+    run_dir: Path, ev: _Evaluation, log: Log, what: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+    """The OOD rows, attack rows and zero-gradient fractions of the run's best checkpoint,
+    read from ``<run>/compare_eval.json`` when that file holds the same evaluation settings
+    and checkpoint digest, else computed and written there (the attacks dominate a compare's
+    evaluation: a rerun over finished runs, or one lane's compare reading another's runs,
+    evaluates nothing twice)."""
+    model, _meta = load_model(run_dir, ev.device)
+    key = {**ev.key(), "checkpoint_sha256": _digest(run_dir)}
+    cache = run_dir / EVAL_FILE
+    if cache.is_file():
+        saved = json.loads(cache.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            log(f"compare: {what}: reusing its evaluation {cache}")
+            return saved["ood"], saved["attacks"], saved["zero_grad"]
+    ood, _, _ = ood_scores_and_rows(model, ev.test_x, ev.sets, ev.scores, ev.repeats, seed=ev.seed)
+    x, y = ev.test_x[: ev.n_att], ev.test_y[: ev.n_att]
+    options = {"restarts": ev.restarts, "queries": ev.queries, "worst_case": len(ev.attacks) > 1}
+    att = attack_rows(model, x, y, ev.attacks, ev.eps, ev.pgd_steps, seed=ev.seed, **options)
+    zero = zero_grad_fraction(model, x, y) if ev.attacks else {}
+    write_json(cache, {"key": key, "ood": ood, "attacks": att, "zero_grad": zero})
+    return ood, att, zero
+
+
+def _digest(run_dir: Path) -> str:
+    """SHA-256 of the checkpoint :func:`~poincare_resnet.api.load_model` reads from ``run_dir``."""
+    return hashlib.sha256(resolve_checkpoint(run_dir).read_bytes()).hexdigest()
 
 
 def _add_columns(row: dict[str, Any], ood: list[dict], att: list[dict]) -> None:

@@ -36,6 +36,7 @@ _RUN_FILES = frozenset(
         "best.json",
         "last.safetensors",
         "last.json",
+        "compare_eval.json",  # experiment compare's cached evaluation of the run
     }
 )
 _RUN_SUBDIRS = {
