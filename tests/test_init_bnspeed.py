@@ -221,3 +221,31 @@ def test_bn_speed_table_has_both_comparisons(tmp_path):
     assert r["implementation_memory_ratio"] > 2
     table = (tmp_path / "bn_speed.md").read_text()
     assert "algorithmic_speedup" in table and "implementation_speedup" in table
+
+
+def test_bn_speed_training_over_seeds_reports_mean_and_std_and_reuses_runs(tmp_path):
+    """``seeds``: each mean trained once per seed, the training table's mean ± std over them
+    (the mean of the per-seed accuracies), the per-seed rows in the summary; a second call
+    reuses the finished runs."""
+    import json
+    import statistics
+
+    opts = {"tiny": True, "repeats": 1, "memory": False, "threads": 1, "seeds": "0,1"}
+    rows = run_experiment("bn-speed", tmp_path, log=lambda m: None, **opts)
+    train = {r["bn_mean"]: r for r in rows if r["part"] == "train"}
+    per_seed = json.loads((tmp_path / "bn_speed_summary.json").read_text())["train_per_seed"]
+    assert sorted((r["bn_mean"], r["seed"]) for r in per_seed) == [
+        ("frechet", 0),
+        ("frechet", 1),
+        ("midpoint", 0),
+        ("midpoint", 1),
+    ]
+    for mean, row in train.items():
+        accs = [r["test_top1"] for r in per_seed if r["bn_mean"] == mean]
+        assert row["n_seeds"] == 2 and row["test_top1"] == pytest.approx(statistics.fmean(accs))
+        assert row["test_top1_seeds_std"] == pytest.approx(statistics.stdev(accs))
+    assert (tmp_path / "runs" / "frechet-seed1" / "best.safetensors").is_file()
+    assert "±" in (tmp_path / "bn_speed_train.md").read_text()
+    again: list[str] = []
+    run_experiment("bn-speed", tmp_path, log=again.append, **opts)
+    assert sum("reusing the finished run" in m for m in again) == 4

@@ -27,6 +27,7 @@ Accuracy: a short training run (:func:`poincare_resnet.training.train`) of the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import torch
 
 from .. import _cpp, ball
 from ..ball.frechet import frechet_mean, karcher_step
+from ..evaluation.tables import mean_over_seeds
 from ..evaluation.tables import write_table_atomic as write_table
 from ..nn import PoincareBatchNorm2d, _dispatch
 from .common import (
@@ -46,7 +48,7 @@ from .common import (
     pick,
     save_figure,
     torch_threads,
-    train_or_none,
+    train_or_reuse,
     write_json,
 )
 
@@ -209,7 +211,7 @@ def train_with_bn(
         "dataset": recipe.dataset,
         "epochs": recipe.epochs,
     }
-    s = train_or_none(cfg, log, f"bn-speed: training with {mean}")
+    s = train_or_reuse(cfg, log, f"bn-speed: training with {mean}, seed {recipe.seed}")
     if s is None:
         return {
             **row,
@@ -244,6 +246,7 @@ def run(
     lr: float = 5e-3,
     limit_train: int | None = None,
     train_runs: bool = True,
+    seeds: Any = None,
     seed: int = 0,
     threads: int | None = None,
     device: str = "cpu",
@@ -261,6 +264,11 @@ def run(
         steps; ``memory``: measure the allocator peaks).
     model, dataset, data_dir, epochs, batch_size, lr, limit_train, train_runs
         The short training runs (``train_runs=False`` skips them).
+    seeds : int, str or sequence of int, optional
+        The training runs' seeds, e.g. ``"0,1,2"``: each mean is trained once per seed (into
+        ``runs/<mean>-seed<k>``; a finished run of the same recipe is reused) and the training
+        table reports the mean and sample standard deviation over seeds (per-seed rows in
+        ``bn_speed_summary.json``). Default: ``seed`` alone, into ``runs/<mean>``.
     seed, threads, device
         Seed, torch CPU threads and device.
 
@@ -282,15 +290,19 @@ def run(
     grid = {"size": size, "c": c, "seed": seed, "device": device, "frechet_iters": frechet_iters}
     with torch_threads(threads):
         rows = [_speed_row(b, w, repeats, memory, grid, log) for b in batch_sizes for w in widths]
-        train_rows = []
+        per_seed = []
         if train_runs:
             recipe = TrainRecipe(
                 dataset, data_dir, epochs, batch_size, lr, limit_train, seed, threads, device
             )
             for mean in MEANS:
-                run_dir = out / "runs" / mean
-                train_rows.append(train_with_bn(mean, run_dir, model=model, recipe=recipe, log=log))
-    _write_outputs(out, rows, train_rows, size, log)
+                for s in as_tuple(seed if seeds is None else seeds, int):
+                    run = dataclasses.replace(recipe, seed=s)
+                    name = mean if seeds is None else f"{mean}-seed{s}"
+                    row = train_with_bn(mean, out / "runs" / name, model=model, recipe=run, log=log)
+                    per_seed.append({**row, "seed": s})
+    train_rows = mean_over_seeds(per_seed, ("part", "bn_mean", "model", "dataset", "epochs"))
+    _write_outputs(out, rows, train_rows, size, log, per_seed)
     return rows + train_rows
 
 
@@ -333,9 +345,15 @@ def _frechet_step_norm(bn: PoincareBatchNorm2d, u: torch.Tensor, iters: int) -> 
 
 
 def _write_outputs(
-    out: Path, rows: list[dict[str, Any]], train_rows: list[dict[str, Any]], size: int, log: Log
+    out: Path,
+    rows: list[dict[str, Any]],
+    train_rows: list[dict[str, Any]],
+    size: int,
+    log: Log,
+    per_seed: list[dict[str, Any]],
 ) -> None:
-    """The tables, the figure and the summary (at the largest configuration)."""
+    """The tables, the figure and the summary (at the largest configuration; the training
+    runs' mean test accuracy per mean and every per-seed row)."""
     write_table(rows, out / SLUG)
     if train_rows:
         write_table(train_rows, out / f"{SLUG}_train")
@@ -347,6 +365,7 @@ def _write_outputs(
         **{f"{p}_ms": key[f"{p}_ms"] for p, _, _ in VARIANTS},
         **{f"{n}_speedup": key[f"{n}_speedup"] for n, _, _ in SPEEDUPS},
         "train": {r["bn_mean"]: r["test_top1"] for r in train_rows},
+        "train_per_seed": per_seed,
     }
     write_json(out / f"{SLUG}_summary.json", summary)
     log(
