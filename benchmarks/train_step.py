@@ -103,6 +103,7 @@ def _child(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     timed(train_step, args.warmup)
     warm_s = time.perf_counter() - t0
+    _run_hook("BENCH_BEFORE_TIMING")  # e.g. pause other jobs once compilation is done
     train = timed(train_step, args.repeats)
     maxrss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
     if device.type == "cuda":
@@ -113,6 +114,7 @@ def _child(args: argparse.Namespace) -> None:
     model.eval()
     timed(eval_step, args.warmup)
     forward = timed(eval_step, args.repeats)
+    _run_hook("BENCH_AFTER_TIMING")
     model.train()
     opt.zero_grad(set_to_none=True)
     rss = step_rss_mib(train_step) if device.type == "cpu" else None  # changes malloc: last
@@ -128,6 +130,16 @@ def _child(args: argparse.Namespace) -> None:
             }
         )
     )
+
+
+def _run_hook(name: str) -> None:
+    """Run the shell command in the environment variable ``name``, if set: on a shared machine
+    ``BENCH_BEFORE_TIMING`` / ``BENCH_AFTER_TIMING`` can pause other jobs for the timed steps
+    only (a compiled model's first steps compile for minutes), e.g.
+    ``BENCH_BEFORE_TIMING='pkill -STOP -f my-job' BENCH_AFTER_TIMING='pkill -CONT -f my-job'``."""
+    cmd = os.environ.get(name)
+    if cmd:
+        subprocess.run(cmd, shell=True, check=False)
 
 
 def _compiled(model, args: argparse.Namespace):
