@@ -2,7 +2,9 @@
 its terms to the FC node's backward, which then skips its own recomputation."""
 
 import gc
+import importlib.util
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,10 +38,13 @@ def calls(monkeypatch):
         counts["forward"] += 1
         return forward(*args)
 
-    def counted_terms(*args):
+    def counted_terms(*args, **kwargs):
         counts["terms"] += 1
-        out = terms(*args)
-        counts["refs"] += [weakref.ref(t) for t in (out.h, out.root, out.g_raw, out.psi, out.psi2)]
+        out = terms(*args, **kwargs)
+        full = [t for t in (out.h, out.root, out.g_raw, out.psi, out.psi2) if t is not None]
+        counts["refs"] += [weakref.ref(t) for t in full]
+        if kwargs.get("lean"):  # what a share keeps
+            counts["kept"] = sum(t.nbytes for t in out if isinstance(t, torch.Tensor))
         return out
 
     monkeypatch.setattr(_autograd, "_fc_forward", counted_forward)
@@ -149,6 +154,40 @@ def test_the_terms_are_dropped_when_the_backward_fails(calls):
     assert calls["terms"] == 1 and calls["refs"] and _alive(calls) == 0  # no gc needed
 
 
+def _profiled_peak():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_memory.py"
+    spec = importlib.util.spec_from_file_location("_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.profiled_peak_mib
+
+
+def test_a_backward_peak_grows_by_at_most_one_layers_terms(calls):
+    peak_mib = _profiled_peak()
+    torch.manual_seed(0)
+    convs = [PoincareConv2d(6, 6, 3, padding=1, c=0.7, init="hnn") for _ in range(3)]
+    pairs = [(conv, PoincareBatchNorm2d(6, c=0.7)) for conv in convs]
+    params = [p for pair in pairs for layer in pair for p in layer.parameters()]
+    u = 0.3 * torch.randn(8, 6, 12, 12)
+    peaks = []
+    for share in (False, True, False):
+        set_fc_share(share)
+        for p in params:
+            p.grad = None  # each backward allocates the same gradients
+        x = u
+        for conv, bn in pairs:
+            x = conv_norm(conv, bn, x)
+        loss = x.square().sum()
+        peaks.append(peak_mib(loss.backward) * 2**20)
+    assert calls["forward"] == 3 * 3 + 3 * 2  # three forwards, the unshared backwards' recomputing
+    one_map, one_pixel_map = u.nbytes, u.nbytes // u.shape[1]
+    # a share keeps three full-size maps and the per-position terms; the peak grows by no more
+    # (against the mean of the unshared runs around it: the peak drifts by a few kB a run; and
+    # a per-position map of slack for the allocator's rounding)
+    assert 3 * one_map < calls["kept"] < 5 * one_map
+    assert peaks[1] - (peaks[0] + peaks[2]) / 2 <= calls["kept"] + one_pixel_map
+
+
 def _two_fc_nodes():
     """Two FC nodes (two convolutions of one input) with their recorded ``(ctx, inputs)``."""
     conv_a, _, u = _pair()
@@ -185,9 +224,9 @@ def test_at_most_one_layer_holds_terms(calls):
     def both(nodes):  # a's share first, then b's: a's is dropped, b's used
         (ctx_a, inputs_a), (ctx_b, inputs_b) = nodes
         fc_output_sharing_terms(ctx_a, inputs_a)
-        assert _alive(calls) == 5
+        assert _alive(calls) == 3  # h, √(1 + q²), ψ
         fc_output_sharing_terms(ctx_b, inputs_b)
-        assert _alive(calls) == 5  # a's five full-size terms are gone
+        assert _alive(calls) == 3  # a's are gone
 
     assert torch.equal(_grad_u(both), reference)
     assert calls["terms"] == 2 + 3  # a recomputed its own, b used its share

@@ -329,7 +329,8 @@ class FCTerms(NamedTuple):
     """What the backward of :class:`FullyConnectedTangent` recomputes from its inputs: the
     per-position terms of :func:`_fc_pixel_terms`, the per-feature ones of
     :func:`_fc_feature_terms`, the full-size ``h = asinh(q)``, ``root = √(1 + q²)``,
-    ``g_raw = 2‖z‖h``, ``ψ = sinh(clamp(g_raw))``, ``ψ²``, and ``(κ, κ'‖ψ‖, ‖ψ‖)`` per position."""
+    ``g_raw = 2‖z‖h``, ``ψ = sinh(clamp(g_raw))``, ``ψ²`` (``g_raw`` and ``ψ²`` ``None`` when
+    left to the backward), and ``(κ, κ'‖ψ‖, ‖ψ‖)`` per position."""
 
     sc: float | Tensor
     n: Tensor
@@ -344,26 +345,30 @@ class FCTerms(NamedTuple):
     sh: Tensor
     h: Tensor
     root: Tensor
-    g_raw: Tensor
+    g_raw: Tensor | None
     psi: Tensor
-    psi2: Tensor
+    psi2: Tensor | None
     kappa: Tensor
     kp2: Tensor
     p: Tensor
 
 
-def _fc_terms(dots, sq, znorm, bias, c, dim) -> FCTerms:
-    """The :class:`FCTerms` of the FC map at these inputs (six full-size passes, and ``q``'s
-    three); ``out = ψ·κ`` (what :func:`_fc_forward` returns, bit for bit: the same operations,
-    ``linalg.vecdot(ψ, ψ)`` being ``(ψ·ψ).sum``)."""
+def _fc_terms(dots, sq, znorm, bias, c, dim, lean: bool = False) -> FCTerms:
+    """The :class:`FCTerms` of the FC map at these inputs (``q``'s three full-size passes and
+    ``asinh``'s seven, then four more and a sum); ``out = ψ·κ`` is what :func:`_fc_forward`
+    returns, bit for bit (the same operations; ``linalg.vecdot(ψ, ψ)`` is ``(ψ·ψ).sum``).
+    ``lean``: without ``g_raw`` and ``ψ²`` (``None``; one pass each to redo, two full-size maps
+    fewer to keep)."""
     pixel = _fc_pixel_terms(sq, c, dots.dtype)
     sc, a, e = pixel[0], pixel[6], pixel[7]
     zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
     h, root = _fc_asinh(_fc_q(dots, a, e, ch, sh))
     g_raw = h * zn2
     psi = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
+    g_raw = None if lean else g_raw
     psi2 = psi * psi
     kappa, kp2, p = _fc_kappa(psi2.sum(dim, keepdim=True), sc, dots.dtype, backward=True)
+    psi2 = None if lean else psi2
     return FCTerms(*pixel, zn2, ch, sh, h, root, g_raw, psi, psi2, kappa, kp2, p)
 
 
@@ -474,7 +479,9 @@ def _in_backward() -> bool:
 
 def fc_output_sharing_terms(ctx, inputs: tuple) -> Tensor | None:
     """The output of the FC node ``ctx`` recomputed from its ``inputs`` (as recorded by
-    :func:`record_fc_nodes`), its backward's :class:`FCTerms` left on ``ctx`` for it.
+    :func:`record_fc_nodes`), its backward's :class:`FCTerms` left on ``ctx`` for it: the
+    full-size ``h``, ``√(1 + q²)`` and ``ψ`` (three maps; ``g_raw`` and ``ψ²``, one pass each,
+    are redone by the backward) and the per-position terms.
 
     Only inside a backward pass and without grad mode (``create_graph=True`` needs a
     differentiable recomputation: ``None`` then, and the caller recomputes the usual way).
@@ -488,13 +495,14 @@ def fc_output_sharing_terms(ctx, inputs: tuple) -> Tensor | None:
     """
     if torch.is_grad_enabled() or not _in_backward():
         return None
-    terms = _fc_terms(*inputs)
+    previous = getattr(_SHARE, "latest", lambda: None)()
+    if previous is not None:
+        previous.drop()
+    terms = _fc_terms(*inputs, lean=True)
     out = terms.psi * terms.kappa
     share = FCShare(inputs, terms)
+    del terms
     torch.autograd.Variable._execution_engine.queue_callback(share.drop)
-    previous = getattr(_SHARE, "latest", None)
-    if previous is not None and previous() is not None:
-        previous().drop()
     _SHARE.latest = ctx.fc_share = weakref.ref(share)
     return out
 
@@ -573,6 +581,8 @@ def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs, share: FCShare | No
     sc, n, clipped_in, small, t2, sinh2t, a, e, zn2, ch, sh = terms[:11]
     h, root, g_raw, psi, psi2, kappa, kp2, p = terms[11:]
     del terms
+    g_raw = h * zn2 if g_raw is None else g_raw
+    psi2 = psi * psi if psi2 is None else psi2
     # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'‖ψ‖/‖ψ‖)(⟨G, ψ⟩/‖ψ‖) ψ, ordered so that nothing
     # underflows float32 where the output is clipped (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17)
     g_psi = torch.linalg.vecdot(grad, psi, dim=dim).unsqueeze(dim)  # ⟨G, ψ⟩
