@@ -250,7 +250,8 @@ def _fc_pixel_terms(sq: Tensor, c, dtype: torch.dtype):
     small = _ind(t, torch.lt, _small(dtype))
     t2 = (t * t).clamp_max(1.0)  # the series' argument (capped: the other branch is picked there)
     sinh2t = torch.sinh(tc2)
-    a = _pick(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
+    four_t2 = 4 * t2  # once for both series terms (the same values as forming it twice)
+    a = _pick(small, sc * (2 + four_t2 / 3 + four_t2 * t2 / 15), sinh2t / n)
     return sc, n, clipped_in, small, t2, sinh2t, a, torch.cosh(tc2)
 
 
