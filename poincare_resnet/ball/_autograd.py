@@ -9,6 +9,12 @@ Small-argument limits (0/0 forms) use Taylor series below a dtype-dependent thre
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -244,7 +250,8 @@ def _fc_pixel_terms(sq: Tensor, c, dtype: torch.dtype):
     small = _ind(t, torch.lt, _small(dtype))
     t2 = (t * t).clamp_max(1.0)  # the series' argument (capped: the other branch is picked there)
     sinh2t = torch.sinh(tc2)
-    a = _pick(small, sc * (2 + 4 * t2 / 3 + 4 * t2 * t2 / 15), sinh2t / n)
+    four_t2 = 4 * t2  # once for both series terms (the same values as forming it twice)
+    a = _pick(small, sc * (2 + four_t2 / 3 + four_t2 * t2 / 15), sinh2t / n)
     return sc, n, clipped_in, small, t2, sinh2t, a, torch.cosh(tc2)
 
 
@@ -319,6 +326,53 @@ def _fc_forward_terms(dots, sq, znorm, bias, c, dim):
     )
 
 
+class FCTerms(NamedTuple):
+    """What the backward of :class:`FullyConnectedTangent` recomputes from its inputs: the
+    per-position terms of :func:`_fc_pixel_terms`, the per-feature ones of
+    :func:`_fc_feature_terms`, the full-size ``h = asinh(q)``, ``root = √(1 + q²)``,
+    ``g_raw = 2‖z‖h``, ``ψ = sinh(clamp(g_raw))``, ``ψ²`` (``g_raw`` and ``ψ²`` ``None`` when
+    left to the backward), and ``(κ, κ'‖ψ‖, ‖ψ‖)`` per position."""
+
+    sc: float | Tensor
+    n: Tensor
+    clipped_in: Tensor
+    small: Tensor
+    t2: Tensor
+    sinh2t: Tensor
+    a: Tensor
+    e: Tensor
+    zn2: Tensor
+    ch: Tensor
+    sh: Tensor
+    h: Tensor
+    root: Tensor
+    g_raw: Tensor | None
+    psi: Tensor
+    psi2: Tensor | None
+    kappa: Tensor
+    kp2: Tensor
+    p: Tensor
+
+
+def _fc_terms(dots, sq, znorm, bias, c, dim, lean: bool = False) -> FCTerms:
+    """The :class:`FCTerms` of the FC map at these inputs (``q``'s three full-size passes and
+    ``asinh``'s seven, then four more and a sum); ``out = ψ·κ`` is what :func:`_fc_forward`
+    returns, bit for bit (the same operations; ``linalg.vecdot(ψ, ψ)`` is ``(ψ·ψ).sum``).
+    ``lean``: without ``g_raw`` and ``ψ²`` (``None``; one pass each to redo, two full-size maps
+    fewer to keep)."""
+    pixel = _fc_pixel_terms(sq, c, dots.dtype)
+    sc, a, e = pixel[0], pixel[6], pixel[7]
+    zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
+    h, root = _fc_asinh(_fc_q(dots, a, e, ch, sh))
+    g_raw = h * zn2
+    psi = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
+    g_raw = None if lean else g_raw
+    psi2 = psi * psi
+    kappa, kp2, p = _fc_kappa(psi2.sum(dim, keepdim=True), sc, dots.dtype, backward=True)
+    psi2 = None if lean else psi2
+    return FCTerms(*pixel, zn2, ch, sh, h, root, g_raw, psi, psi2, kappa, kp2, p)
+
+
 def _fc_forward(dots, sq, znorm, bias, c, dim):
     """``out = κ(‖ψ‖)·ψ`` of :class:`FullyConnectedTangent`: nine full-size passes."""
     sc, _, _, _, _, _, a, e = _fc_pixel_terms(sq, c, dots.dtype)
@@ -355,6 +409,9 @@ class FullyConnectedTangent(torch.autograd.Function):
         else:
             ctx.save_for_backward(dots, sq, znorm, bias)
             ctx.c = c
+        ctx.fc_share = None
+        if not torch.compiler.is_compiling():
+            _record_node(ctx, inputs)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
@@ -363,7 +420,109 @@ class FullyConnectedTangent(torch.autograd.Function):
         else:
             dots, sq, znorm, bias = ctx.saved_tensors
             c = ctx.c
-        return _fc_backward(grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad)
+        share = _claim_share(ctx, (dots, sq, znorm, bias, c, ctx.dim))
+        return _fc_backward(grad, dots, sq, znorm, bias, c, ctx.dim, ctx.needs_input_grad, share)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing the backward's terms with a recomputation of the output (nn.recompute.conv_norm)
+# ---------------------------------------------------------------------------------------------
+
+_SHARE = threading.local()
+
+
+class FCShare:
+    """The :class:`FCTerms` of one FC node, computed ahead of its backward (by
+    :func:`fc_output_sharing_terms`), with the inputs they were computed from.
+
+    Only a weak reference sits on the node's ``ctx`` (``ctx.fc_share``); the one strong
+    reference is the callback queued on the running backward, which drops the terms when that
+    backward ends (and is itself freed when the backward fails), so they never outlive it."""
+
+    __slots__ = ("__weakref__", "inputs", "terms")
+
+    def __init__(self, inputs: tuple, terms: FCTerms) -> None:
+        self.inputs: tuple | None = inputs
+        self.terms: FCTerms | None = terms
+
+    def drop(self) -> None:
+        """Forget the terms and the inputs (idempotent)."""
+        self.inputs = self.terms = None
+
+    def take(self) -> FCTerms | None:
+        """The terms, handed over once: the share keeps no reference to them afterwards."""
+        terms = self.terms
+        self.drop()
+        return terms
+
+
+@contextlib.contextmanager
+def record_fc_nodes() -> Iterator[list]:
+    """Collect ``(ctx, inputs)`` of every :class:`FullyConnectedTangent` applied inside the block
+    (eager only), for :func:`fc_output_sharing_terms`."""
+    outer = getattr(_SHARE, "records", None)
+    _SHARE.records = records = []
+    try:
+        yield records
+    finally:
+        _SHARE.records = outer
+
+
+def _record_node(ctx, inputs: tuple) -> None:
+    records = getattr(_SHARE, "records", None)
+    if records is not None:
+        records.append((ctx, inputs))
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def fc_output_sharing_terms(ctx, inputs: tuple) -> Tensor | None:
+    """The output of the FC node ``ctx`` recomputed from its ``inputs`` (as recorded by
+    :func:`record_fc_nodes`), its backward's :class:`FCTerms` left on ``ctx`` for it: the
+    full-size ``h``, ``√(1 + q²)`` and ``ψ`` (three maps; ``g_raw`` and ``ψ²``, one pass each,
+    are redone by the backward) and the per-position terms.
+
+    Only inside a backward pass and without grad mode (``create_graph=True`` needs a
+    differentiable recomputation: ``None`` then, and the caller recomputes the usual way).
+    At most one share per thread holds terms: a new one drops the previous (whose node then
+    recomputes its own), so a backward's peak grows by at most one layer's terms.
+
+    Returns
+    -------
+    Tensor or None
+        ``κ(‖ψ‖)·ψ``, bit for bit the forward's output; ``None`` where nothing is shared.
+    """
+    if torch.is_grad_enabled() or not _in_backward():
+        return None
+    previous = getattr(_SHARE, "latest", lambda: None)()
+    if previous is not None:
+        previous.drop()
+    terms = _fc_terms(*inputs, lean=True)
+    out = terms.psi * terms.kappa
+    share = FCShare(inputs, terms)
+    del terms
+    torch.autograd.Variable._execution_engine.queue_callback(share.drop)
+    _SHARE.latest = ctx.fc_share = weakref.ref(share)
+    return out
+
+
+def _same(a, b) -> bool:
+    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
+
+
+def _claim_share(ctx, inputs: tuple) -> FCShare | None:
+    """The node's share if it is alive, holds terms, and was computed from these very inputs
+    (the tensors the node saved, by identity); the node's reference to it is cleared."""
+    ref, ctx.fc_share = getattr(ctx, "fc_share", None), None
+    share = None if ref is None else ref()
+    if share is None or share.terms is None or torch.is_grad_enabled():
+        return None
+    if len(share.inputs) != len(inputs) or not all(map(_same, share.inputs, inputs)):
+        share.drop()
+        return None
+    return share
 
 
 def _fc_small_backward(
@@ -413,17 +572,18 @@ def _fc_reductions(gq: Tensor, dots: Tensor, a: Tensor, e: Tensor, ch: Tensor, s
     return grad_a, grad_e, per_feature(x * a), -per_feature(gq * e)
 
 
-def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs):
-    """Backward of :class:`FullyConnectedTangent`: recomputes the forward terms in order and
-    drops each full-size tensor as soon as it is used, so at most a few are alive at once."""
-    dtype = dots.dtype
-    sc, n, clipped_in, small, t2, sinh2t, a, e = _fc_pixel_terms(sq, c, dtype)
-    zn2, ch, sh = _fc_feature_terms(znorm, bias, sc, _feature_shape(dots, dim))
-    h, root = _fc_asinh(_fc_q(dots, a, e, ch, sh))
-    g_raw = h * zn2
-    psi = g_raw.clamp(-FC_ARG_LIMIT, FC_ARG_LIMIT).sinh_()
-    psi2 = psi * psi
-    kappa, kp2, p = _fc_kappa(psi2.sum(dim, keepdim=True), sc, dtype, backward=True)
+def _fc_backward(grad, dots, sq, znorm, bias, c, dim, needs, share: FCShare | None = None):
+    """Backward of :class:`FullyConnectedTangent`: takes the forward terms from ``share`` or
+    recomputes them (:func:`_fc_terms`), and drops each full-size tensor as soon as it is used,
+    so at most a few are alive at once."""
+    terms = share.take() if share is not None else None
+    if terms is None:
+        terms = _fc_terms(dots, sq, znorm, bias, c, dim)
+    sc, n, clipped_in, small, t2, sinh2t, a, e, zn2, ch, sh = terms[:11]
+    h, root, g_raw, psi, psi2, kappa, kp2, p = terms[11:]
+    del terms
+    g_raw = h * zn2 if g_raw is None else g_raw
+    psi2 = psi * psi if psi2 is None else psi2
     # u = κ(‖ψ‖) ψ  →  ∂L/∂ψ = κ G + (κ'‖ψ‖/‖ψ‖)(⟨G, ψ⟩/‖ψ‖) ψ, ordered so that nothing
     # underflows float32 where the output is clipped (κ/‖ψ‖² ~ 1e-49 at ‖ψ‖ ~ 1e17)
     g_psi = torch.linalg.vecdot(grad, psi, dim=dim).unsqueeze(dim)  # ⟨G, ψ⟩

@@ -18,6 +18,17 @@ backward would change the recomputed ``y``. Under ``torch.compile`` (its partiti
 what to keep), without autograd, or when :func:`set_fc_recompute` turned it off, it is plain
 ``norm(conv(u))``. The environment variable ``POINCARE_RESNET_FC_RECOMPUTE=0`` sets the default to
 off (for A/B measurements in fresh processes).
+
+On the PyTorch path (the FC map is :class:`~poincare_resnet.ball._autograd.FullyConnectedTangent`,
+recorded by :func:`~poincare_resnet.ball._autograd.record_fc_nodes` in the forward), the
+recomputation also computes the terms the FC node's backward would recompute next
+(:func:`~poincare_resnet.ball._autograd.fc_output_sharing_terms`) and leaves them for that node,
+which runs right after the norm's backward and skips its own recomputation: the FC chain runs
+twice per step instead of three times, with the same values and gradients bit for bit. The
+terms sit on that node alone (checked against the tensors it saved), live until it consumes them
+or the backward pass ends, and at most one layer's are alive at a time. Not under
+``create_graph=True`` (the recomputation is differentiated then), nor where
+:func:`set_fc_share` turned it off (``POINCARE_RESNET_FC_SHARE=0``).
 """
 
 from __future__ import annotations
@@ -29,9 +40,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..ball._autograd import fc_output_sharing_terms, record_fc_nodes
+
 __all__ = ["conv_norm", "fc_recompute_enabled", "set_fc_recompute"]
 
-_STATE = {"enabled": os.environ.get("POINCARE_RESNET_FC_RECOMPUTE", "1") != "0"}
+_STATE = {
+    "enabled": os.environ.get("POINCARE_RESNET_FC_RECOMPUTE", "1") != "0",
+    "share": os.environ.get("POINCARE_RESNET_FC_SHARE", "1") != "0",
+}
 _LOCAL = threading.local()
 
 
@@ -43,6 +59,17 @@ def set_fc_recompute(enabled: bool) -> None:
 def fc_recompute_enabled() -> bool:
     """Whether :func:`conv_norm` recomputes the FC output in the norm's backward."""
     return _STATE["enabled"]
+
+
+def set_fc_share(enabled: bool) -> None:
+    """On the PyTorch path, let the recomputation hand the FC node's backward its terms (the
+    default) or not (the node recomputes them: for before/after measurements and tests)."""
+    _STATE["share"] = bool(enabled)
+
+
+def fc_share_enabled() -> bool:
+    """Whether :func:`conv_norm`'s recomputation shares its terms with the FC node's backward."""
+    return _STATE["share"]
 
 
 def record_fc(layer: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
@@ -67,8 +94,9 @@ class _Slot:
 class _Recompute:
     """The pack/unpack hooks that swap ``y`` for a slot and recompute it on first unpack."""
 
-    def __init__(self, fc: Callable[[], Tensor], y: Tensor) -> None:
+    def __init__(self, fc: Callable[[], Tensor], y: Tensor, node: tuple | None = None) -> None:
         self.fc = fc
+        self.node = node  # (ctx, inputs) of y's FullyConnectedTangent node (PyTorch path)
         self.ptr, self.dtype, self.device = y.untyped_storage().data_ptr(), y.dtype, y.device
         self.shape, self.stride = y.shape, y.stride()
         dev = y.device.type
@@ -97,8 +125,13 @@ class _Recompute:
 
     def _recompute(self) -> Tensor:
         dev, dtype, enabled = self.autocast
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            y = self.fc()
+        y = None
+        if self.node is not None and fc_share_enabled():
+            with torch.autocast(dev, enabled=False):  # as inside the FC map's forward
+                y = fc_output_sharing_terms(*self.node)
+        if y is None:
+            with torch.autocast(dev, dtype=dtype, enabled=enabled):
+                y = self.fc()
         if y.dtype != self.dtype or y.shape != self.shape or y.stride() != self.stride:
             raise RuntimeError(
                 "conv_norm: the recomputed FC output differs in dtype, shape or layout from the "
@@ -143,13 +176,15 @@ def conv_norm(conv: nn.Module, norm: nn.Module, u: Tensor) -> Tensor:
     outer = getattr(_LOCAL, "listener", None)
     _LOCAL.listener = records
     try:
-        y = conv(u)
+        with record_fc_nodes() as nodes:
+            y = conv(u)
     finally:
         _LOCAL.listener = outer
     match = [(layer, inputs) for layer, inputs, out in records if out is y and layer is conv]
     if len(match) != 1:
         return norm(y)
     layer, inputs = match[0]
-    hooks = _Recompute(lambda: layer._fc(*inputs, dim=1), y)
+    node = [(ctx, args) for ctx, args in nodes if ctx is y.grad_fn]
+    hooks = _Recompute(lambda: layer._fc(*inputs, dim=1), y, node[0] if len(node) == 1 else None)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         return norm(y)
