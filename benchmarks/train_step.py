@@ -56,8 +56,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.native is not None:
         _cpp.set_native(args.native == "on")
     widths = tuple(int(w) for w in args.w.split("-"))
-    model = create_model(
-        f"{args.family}_resnet{args.depth}", num_classes=10, in_chans=3, widths=widths
+    model = create_model(  # resnet20's class at any depth 6n + 2 (e.g. 8: one block a stage)
+        f"{args.family}_resnet20", num_classes=10, in_chans=3, widths=widths, depth=args.depth
     ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
