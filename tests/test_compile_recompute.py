@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch._inductor.config
 from _helpers import compile_counting_saved, native_switch
 from torch import nn
 
@@ -41,7 +42,8 @@ class _Pair(nn.Module):
 
 
 def _step(module: nn.Module, u: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
-    """Output, input gradient and parameter gradients of one step, then the buffers."""
+    """Output and input gradient of one step ``(module(u) · g).sum()``; the parameters' gradients
+    accumulate."""
     u = u.clone().requires_grad_(True)
     out = module(u)
     (out * g).sum().backward()
@@ -118,3 +120,15 @@ def test_compiled_torch_pair_recomputes(dtype):
     _assert_all_close(got, want, tol)
     _assert_all_close(got_off, want_off, tol)
     assert on < off, (on, off)
+
+
+@pytest.mark.slow
+@torch._inductor.config.patch({"cpp.vec_isa_ok": False})
+def test_resnet8_inductor_native_path_matches_eager():
+    """ResNet-8 on the native path compiled by inductor (``fullgraph=True``, the checkpointed
+    convolutions lowered and the recomputed FC maps in the backward): forward, gradients,
+    running statistics and eval as eager (minutes with a cold inductor cache)."""
+    from test_nn_compile import _check_model_compiles
+
+    with native_switch(True):
+        _check_model_compiles("poincare_resnet20", "inductor", 1e-3, depth=8)
