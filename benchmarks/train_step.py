@@ -27,7 +27,10 @@ On CUDA the steps are timed with CUDA events.
     python benchmarks/train_step.py --path torch --modes compile --compile-options default
 
 Compiled rows use ``poincare_resnet.nn.compile.compile_model`` for the Poincaré model (inductor's
-layout optimisation off, the partitioner's recompute bans lifted; ``--compile-options``).
+layout optimisation off, the partitioner's recompute bans lifted; ``--compile-options``). In
+both modes ``conv_norm`` recomputes each Poincaré convolution's FC output in batch norm's
+backward (compiled: by selective checkpointing); ``POINCARE_RESNET_FC_RECOMPUTE=0`` keeps it,
+for before/after rows.
 
 Run it alone: another busy process on the same cores distorts every number.
 """
@@ -56,8 +59,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.native is not None:
         _cpp.set_native(args.native == "on")
     widths = tuple(int(w) for w in args.w.split("-"))
-    model = create_model(
-        f"{args.family}_resnet{args.depth}", num_classes=10, in_chans=3, widths=widths
+    model = create_model(  # resnet20's class at any depth 6n + 2 (e.g. 8: one block a stage)
+        f"{args.family}_resnet20", num_classes=10, in_chans=3, widths=widths, depth=args.depth
     ).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)

@@ -102,6 +102,37 @@ class PoincareBlock(nn.Module):
         return self.relu2(self.res(f, u))
 
 
+def compile_counting_saved(module: nn.Module) -> tuple[nn.Module, list[int]]:
+    """``module`` compiled (``fullgraph=True``) by AOT autograd with inductor's decompositions
+    and min-cut partitioner, the graphs run as traced (no code generation); and the list that
+    receives, per compiled graph, the bytes its forward hands to the backward (the saved
+    tensors and the outputs)."""
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    saved: list[int] = []
+
+    def fw_compiler(gm, _):
+        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        vals = [n.meta.get("val") for n in outputs if isinstance(n, torch.fx.Node)]
+        saved.append(sum(v.numel() * v.element_size() for v in vals if torch.is_tensor(v)))
+        return make_boxed_func(gm)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=fw_compiler,
+            bw_compiler=lambda g, _: make_boxed_func(g),
+            partition_fn=min_cut_rematerialization_partition,
+            decompositions=select_decomp_table(),
+        )
+
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend, fullgraph=True), saved
+
+
 def tiny_config(out: Path, **overrides) -> TrainConfig:
     """The tiny run (:data:`TINY`) into directory ``out``, with ``overrides``."""
     return TrainConfig(**{**TINY, "out": str(out), **overrides})

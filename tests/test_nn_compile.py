@@ -16,7 +16,7 @@ import re
 import pytest
 import torch
 import torch._inductor.config
-from _helpers import PoincareBlock, native_switch
+from _helpers import PoincareBlock, compile_counting_saved, native_switch
 from torch._inductor.utils import run_and_get_code
 
 
@@ -179,31 +179,9 @@ def _saved_bytes_compiled(module: torch.nn.Module, x: torch.Tensor, partitioner:
     """Bytes the forward graph hands to the backward (AOT autograd, inductor's decompositions
     and min-cut partitioner, no code generation), under the ``torch._functorch.config`` values
     ``partitioner``."""
-    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.decomposition import select_decomp_table
-
-    saved = []
-
-    def fw_compiler(gm, _):
-        outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        vals = [n.meta.get("val") for n in outputs if isinstance(n, torch.fx.Node)]
-        saved.append(sum(v.numel() * v.element_size() for v in vals if torch.is_tensor(v)))
-        return make_boxed_func(gm)
-
-    def backend(gm, example_inputs):
-        return aot_module_simplified(
-            gm,
-            example_inputs,
-            fw_compiler=fw_compiler,
-            bw_compiler=lambda g, _: make_boxed_func(g),
-            partition_fn=min_cut_rematerialization_partition,
-            decompositions=select_decomp_table(),
-        )
-
-    torch._dynamo.reset()
+    compiled, saved = compile_counting_saved(module)
     with torch._functorch.config.patch(partitioner):
-        torch.compile(module, backend=backend, fullgraph=True)(x).sum().backward()
+        compiled(x).sum().backward()
     return sum(saved)
 
 

@@ -14,8 +14,9 @@ The values and gradients are those of ``norm(conv(u))`` exactly: the recomputati
 same kernel on the same inputs (under the autocast state of the forward, with the grad mode of
 the backward, so ``create_graph=True`` still differentiates through it). As with
 :func:`torch.utils.checkpoint.checkpoint`, parameters changed in place between forward and
-backward would change the recomputed ``y``. Under ``torch.compile`` (its partitioner decides
-what to keep), without autograd, or when :func:`set_fc_recompute` turned it off, it is plain
+backward would change the recomputed ``y``. Under ``torch.compile`` the compiled backward
+recomputes ``y`` instead (selective activation checkpointing, ``_compile_recompute.py``).
+Without autograd, or when :func:`set_fc_recompute` turned it off, it is plain
 ``norm(conv(u))``. The environment variable ``POINCARE_RESNET_FC_RECOMPUTE=0`` sets the default to
 off (for A/B measurements in fresh processes).
 
@@ -170,6 +171,10 @@ def conv_norm(conv: nn.Module, norm: nn.Module, u: Tensor) -> Tensor:
     Tensor
         ``norm(conv(u))``.
     """
+    if torch.compiler.is_compiling():  # the hooks below do not trace: selective checkpointing
+        from ._compile_recompute import compiled_conv_norm
+
+        return compiled_conv_norm(conv, norm, u)
     if not _applies(norm):
         return norm(conv(u))
     records: list = []
