@@ -355,7 +355,6 @@ def _evaluate_or_reuse(
     and checkpoint digest, else computed and written there (the attacks dominate a compare's
     evaluation: a rerun over finished runs, or one lane's compare reading another's runs,
     evaluates nothing twice)."""
-    model, _meta = load_model(run_dir, ev.device)
     key = {**ev.key(), "checkpoint_sha256": _digest(run_dir)}
     cache = run_dir / EVAL_FILE
     if cache.is_file():
@@ -363,6 +362,7 @@ def _evaluate_or_reuse(
         if saved.get("key") == key:
             log(f"compare: {what}: reusing its evaluation {cache}")
             return saved["ood"], saved["attacks"], saved["zero_grad"]
+    model, _meta = load_model(run_dir, ev.device)
     ood, _, _ = ood_scores_and_rows(model, ev.test_x, ev.sets, ev.scores, ev.repeats, seed=ev.seed)
     x, y = ev.test_x[: ev.n_att], ev.test_y[: ev.n_att]
     options = {"restarts": ev.restarts, "queries": ev.queries, "worst_case": len(ev.attacks) > 1}
