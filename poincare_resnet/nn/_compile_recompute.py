@@ -14,6 +14,12 @@ layer (the weight normalisation, ``‖p‖²``'s window sums, the FC map, native
 keeps ``dots`` and the layer's input (which the convolution's backward needs anyway) and reruns
 the element-wise rest, as the eager backward does, where it is needed. The batch norm stays
 outside the checkpointed region (its running statistics are updated once).
+
+Only where the FC map takes the native kernel. On the PyTorch path (GPU tensors, native
+kernels off) the partitioner already recomputes ``y`` from its element-wise chain, and the
+checkpointed region made the compiled ResNet-20 step slower (5.79× → 7.09× the Euclidean one)
+with a higher peak (1.95× → 2.74×; ``docs/performance.md``, session 9): there the pair is
+compiled as plain ``norm(conv(u))``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from ._dispatch import full_precision
+from ._native_fc import native_fc_tangent_applicable
 from .conv import PoincareConv2d
 from .recompute import fc_recompute_enabled
 
@@ -61,20 +69,30 @@ def keep_convolution_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 _CONTEXT = functools.partial(create_selective_checkpoint_contexts, keep_convolution_policy)
 
 
-def _applies(conv: nn.Module, norm: nn.Module) -> bool:
+def _applies(conv: nn.Module, norm: nn.Module, u: Tensor) -> bool:
     return (
         fc_recompute_enabled()
         and torch.is_grad_enabled()
         and isinstance(conv, PoincareConv2d)
         and not isinstance(norm, nn.Identity)
+        and _native_fc(conv, u)
     )
+
+
+def _native_fc(conv: PoincareConv2d, u: Tensor) -> bool:
+    """Whether ``conv``'s FC map takes the native kernel (its ``dots`` has ``u``'s device,
+    dtype after :func:`full_precision` and number of dims)."""
+    if conv.legacy_lambda:
+        return False
+    return native_fc_tangent_applicable(full_precision(u), conv.curvature(), 1)
 
 
 def compiled_conv_norm(conv: nn.Module, norm: nn.Module, u: Tensor) -> Tensor:
     """``norm(conv(u))`` with ``conv`` checkpointed by :func:`keep_convolution_policy`; called
     by :func:`~poincare_resnet.nn.conv_norm` while ``torch.compile`` traces it. Plain
     ``norm(conv(u))`` as in eager: for a ``conv`` other than a :class:`~.PoincareConv2d`, an
-    identity ``norm``, without autograd, or with :func:`~.set_fc_recompute` off.
+    identity ``norm``, an FC map off the native kernel (the PyTorch path), without autograd, or
+    with :func:`~.set_fc_recompute` off.
 
     Parameters
     ----------
@@ -94,6 +112,6 @@ def compiled_conv_norm(conv: nn.Module, norm: nn.Module, u: Tensor) -> Tensor:
     ------
     ``u [B, C_in, H, W]`` → ``conv``'s output shape ``[B, C_out, H', W']``.
     """
-    if not _applies(conv, norm):
+    if not _applies(conv, norm, u):
         return norm(conv(u))
     return norm(checkpoint(conv, u, use_reentrant=False, context_fn=_CONTEXT))
