@@ -29,8 +29,8 @@ On CUDA the steps are timed with CUDA events.
 Compiled rows use ``poincare_resnet.nn.compile.compile_model`` for the Poincaré model (inductor's
 layout optimisation off, the partitioner's recompute bans lifted; ``--compile-options``). In
 both modes ``conv_norm`` recomputes each Poincaré convolution's FC output in batch norm's
-backward (compiled, on the native path: by selective checkpointing); ``POINCARE_RESNET_FC_RECOMPUTE=0`` keeps it,
-for before/after rows.
+backward (compiled, on the native path: by selective checkpointing);
+``POINCARE_RESNET_FC_RECOMPUTE=0`` keeps it, for before/after rows.
 
 Run it alone: another busy process on the same cores distorts every number.
 """

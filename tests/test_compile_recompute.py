@@ -112,7 +112,8 @@ def test_compiled_torch_pair_is_not_checkpointed(dtype):
     checkpointed region (the same saved bytes with the recompute on or off: there the
     partitioner recomputes ``y`` with :data:`PARTITIONER_OPTIONS`, and checkpointing made the
     compiled ResNet-20 slower with a higher peak). ~13 s per compilation; the PyTorch path's
-    compiled values are also checked by ``test_nn_compile.py::test_model_fullgraph_on_torch_path``."""
+    compiled values are also checked by
+    ``test_nn_compile.py::test_model_fullgraph_on_torch_path``."""
     with native_switch(False):
         on, got, want = _compiled_vs_eager(True, dtype)
         off, got_off, want_off = _compiled_vs_eager(False, dtype)

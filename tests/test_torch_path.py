@@ -388,7 +388,6 @@ def test_full_map_passes(kind, limits, native_off):
     assert counts[0] <= limits[0] and counts[1] <= limits[1], counts
 
 
-
 @pytest.mark.parametrize("kind, limit", [("train", 440), ("eval", 400)])
 def test_batchnorm_pixel_chain_length(kind, limit, native_off):
     """Per-pixel operations of one batch-norm forward + backward (each a pass over
