@@ -14,6 +14,15 @@ freed). Without that, the resident size is glibc's heap high-water mark since th
 started: it includes the compiler's peak during the first compiled step, and the freed buffers
 that glibc's dynamic mmap threshold (raised past the largest tensor freed so far) leaves in the
 heap, which fragments differently for every allocation order (eager, each compiled graph).
+
+Call :func:`mmap_large_buffers` first thing in a fresh process (before its first tensors):
+glibc serves a request from a free chunk of its heap before it maps new memory, so once earlier
+steps have left large freed buffers in the heap, later ones land there too, and every page a
+step touches stays resident after the free. Set only after those steps (as this module did
+until session 10), the "step RSS" was the union of the heap pages one step touched, about twice
+the Poincaré step's live tensors and noisy (activation ratios 1.65–1.96× over four runs of one
+configuration); set at the start, the resident set falls back after the backward, and the
+step's peak is its live buffers plus small-allocation fragmentation.
 """
 
 from __future__ import annotations
@@ -84,14 +93,21 @@ def _reset_hwm() -> bool:
         return False
 
 
+def mmap_large_buffers() -> bool:
+    """From now on every allocation of 128 KiB or more is its own mapping, returned to the
+    system when freed, and the heap is trimmed above 128 KiB of free space (glibc; False
+    elsewhere). Slows large allocations (a page fault per page): not for timed steps."""
+    return mallopt(M_MMAP_THRESHOLD, 128 * 1024) and mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+
+
 def step_rss_mib(fn: Callable[[], object]) -> float | None:
     """Peak resident memory that one call of ``fn()`` adds, in MiB; None off Linux/glibc.
 
-    Every later allocation of 128 KiB or more becomes its own mapping (for the rest of the
-    process: call it after any timing), the heap is trimmed, ``VmHWM`` reset, then
+    :func:`mmap_large_buffers` (meaningful only if it was already called before the process's
+    first tensors: see the module's docstring), the heap trimmed, ``VmHWM`` reset, then
     ``VmHWM`` after ``fn()`` minus ``VmRSS`` before it.
     """
-    if not (mallopt(M_MMAP_THRESHOLD, 128 * 1024) and mallopt(M_TRIM_THRESHOLD, 128 * 1024)):
+    if not mmap_large_buffers():
         return None
     gc.collect()
     _malloc_trim()

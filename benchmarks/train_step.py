@@ -8,10 +8,10 @@ parameters, optimizer state and batch plus the peak extra tensor memory of one p
 after warm-up (activations saved for backward, gradients, temporaries; ``benchmarks/_memory.py``).
 The *activation memory* of B samples is the growth of each measure from batch B to 2B (two
 more child processes), which cancels what does not depend on the batch; by the allocator, and
-by the resident set: the peak resident memory one train step adds (after the timings, with
-glibc's heap trimmed and every buffer of 128 KiB or more in its own mapping, so that freed
-tensors leave the resident set; ``_memory.step_rss_mib``). That one also counts buffers
-allocated outside PyTorch's allocator. The JSON keeps the old measure too
+by the resident set: the peak resident memory one train step adds, in one more child process
+that maps every buffer of 128 KiB or more on its own from its start (so that freed tensors
+leave the resident set; ``_memory.step_rss_mib``; without ``--no-act-memory`` only). That one
+also counts buffers allocated outside PyTorch's allocator. The JSON keeps the old measure too
 (``maxrss_growth_mib``: the growth of ``ru_maxrss`` over the whole run from before the first
 step): it mixes in the compiler's peak during the first compiled step and glibc's heap
 fragmentation, which differ between eager and each compiled graph (docs/performance.md).
@@ -46,10 +46,12 @@ import subprocess
 import sys
 import time
 
-from _memory import profiled_peak_mib, step_rss_mib
+from _memory import mmap_large_buffers, profiled_peak_mib, step_rss_mib
 
 
 def _child(args: argparse.Namespace) -> None:
+    if args.rss_child:  # before the first tensor (``_memory``'s docstring)
+        mmap_large_buffers()
     import torch
 
     from poincare_resnet import _cpp, create_model
@@ -99,6 +101,12 @@ def _child(args: argparse.Namespace) -> None:
                 out.append(time.perf_counter() - t)
         return out
 
+    if args.rss_child:  # warm-up (compiling, if compiled), then the one measured step
+        model.train()
+        timed(train_step, max(args.warmup, 2))
+        opt.zero_grad(set_to_none=True)
+        print(json.dumps({"step_rss_mib": step_rss_mib(train_step)}))
+        return
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -118,21 +126,27 @@ def _child(args: argparse.Namespace) -> None:
     timed(eval_step, args.warmup)
     forward = timed(eval_step, args.repeats)
     _run_hook("BENCH_AFTER_TIMING")
-    model.train()
-    opt.zero_grad(set_to_none=True)
-    rss = step_rss_mib(train_step) if device.type == "cpu" else None  # changes malloc: last
     print(
         json.dumps(
             {
                 "train_ms": statistics.median(train) * 1000,
                 "forward_ms": statistics.median(forward) * 1000,
                 "peak_mib": peak,
-                "step_rss_mib": rss,
+                "step_rss_mib": None,
                 "maxrss_growth_mib": maxrss,
                 "warmup_s": warm_s,
             }
         )
     )
+
+
+def _run_child(cmd: list[str], args: argparse.Namespace) -> dict:
+    """Run one child process; its JSON line."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd[2:])} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _run_hook(name: str) -> None:
@@ -198,6 +212,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, help=argparse.SUPPRESS)
     p.add_argument("--w", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         _child(args)
@@ -238,11 +253,11 @@ def main() -> None:
                     ]
                     if args.native:
                         cmd += ["--native", args.native]
-                    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                    if out.returncode != 0:
-                        sys.exit(f"{family} {depth} {widths} {mode} failed:\n{out.stderr[-3000:]}")
-                    row_out = json.loads(out.stdout.strip().splitlines()[-1])
+                    row_out = _run_child(cmd, args)
+                    if args.device == "cpu" and not args.no_act_memory:  # a process of its own
+                        row_out["step_rss_mib"] = _run_child(cmd + ["--rss-child"], args)[
+                            "step_rss_mib"
+                        ]
                     (res if batch == args.batch else res2)[family] = row_out
                 e, h = res["euclidean"], res["poincare"]
                 row = {

@@ -101,23 +101,22 @@ def _pdot(a: Tensor, b: Tensor) -> Tensor:
 
 class Globals:
     """Adjoints of the global scalars (``‖μ‖², ‖β‖², ⟨β, μ⟩``, ``1 − c‖β‖²``, ``r`` and the
-    gyration's coefficients ``a₁…a₄``) as lists of per-pixel terms ``w·Σ_p a_p b_p``: each
-    term is one ``torch.dot`` (no per-pixel accumulator, no [B, 1, P] write)."""
+    gyration's coefficients ``a₁…a₄``), each a sum of per-pixel terms ``w·Σ_p a_p b_p``: each
+    term is one ``torch.dot`` (no per-pixel accumulator, no [B, 1, P] write), taken when it is
+    added, so that its per-pixel factors can be freed at once (a deferred sum kept some fifteen
+    of them alive through the rest of the backward)."""
 
     def __init__(self) -> None:
-        self.terms: dict[str, list] = {}
+        self.sums: dict[str, Tensor | float] = {}
 
     def add(self, name: str, a: Tensor, b: Tensor | None = None, w: Scalar = 1.0) -> None:
         """Add ``w·Σ_p a_p b_p`` (``b`` None: ``w·Σ_p a_p``) to the adjoint ``name``."""
-        self.terms.setdefault(name, []).append((a, b, w))
+        s = a.sum() if b is None else _pdot(a, b)
+        self.sums[name] = self.sums.get(name, 0.0) + s * w
 
     def total(self, name: str) -> Tensor | float:
-        """The adjoint ``name`` summed over the pixels."""
-        tot: Tensor | float = 0.0
-        for a, b, w in self.terms.get(name, ()):
-            s = a.sum() if b is None else _pdot(a, b)
-            tot = tot + s * w
-        return tot
+        """The adjoint ``name`` summed over the pixels (0 if nothing was added)."""
+        return self.sums.get(name, 0.0)
 
 
 def consts(mu: Tensor, beta: Tensor, c: Scalar, t_max: float, proj_eps: float, r):
