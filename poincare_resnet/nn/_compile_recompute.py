@@ -81,10 +81,13 @@ def _applies(conv: nn.Module, norm: nn.Module, u: Tensor) -> bool:
 
 def _native_fc(conv: PoincareConv2d, u: Tensor) -> bool:
     """Whether ``conv``'s FC map takes the native kernel (its ``dots`` has ``u``'s device,
-    dtype after :func:`full_precision` and number of dims)."""
+    dtype after :func:`full_precision` and number of dims: an empty tensor of those stands in,
+    so that the check casts nothing)."""
     if conv.legacy_lambda:
         return False
-    return native_fc_tangent_applicable(full_precision(u), conv.curvature(), 1)
+    dtype = full_precision(u[:0]).dtype
+    probe = u.new_empty((0,) * u.dim(), dtype=dtype)
+    return native_fc_tangent_applicable(probe, conv.curvature(), 1)
 
 
 def compiled_conv_norm(conv: nn.Module, norm: nn.Module, u: Tensor) -> Tensor:
