@@ -13,10 +13,11 @@
 # each run only what reuse needs (config, summary, metrics, best checkpoint, cached
 # evaluation); an unfinished run also keeps its last resume checkpoint, so a later `restore`
 # and `lane` resume it. SPEC is a model spec (name[:key=value...]); SEED an integer.
+# RESULTS (default results/fmnist) and SAVED (default docs/results/fmnist) move the two trees.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-results/fmnist}
-SAVED=docs/results/fmnist
+SAVED=${SAVED:-docs/results/fmnist}
 MODELS=euclidean_resnet20,hybrid_resnet20,hybrid_resnet20:hybrid_head=fc,poincare_resnet20,poincare_resnet20_nf,poincare_resnet20:init=identity-compensated
 SEEDS=0,1,2
 # the recipe and the evaluation of docs/claims.md
