@@ -117,6 +117,23 @@ def test_compare_worst_case_zero_gradients_and_evaluation_cache(tmp_path, monkey
     assert calls == [1]
 
 
+def test_a_moved_compare_reuses_its_runs_where_they_now_are(tmp_path, monkeypatch):
+    """A compare directory moved (or restored from a copy, as benchmarks/fmnist_table.sh does)
+    reuses its runs and their cached evaluations from the new place: the summaries' recorded
+    ``run_dir`` is the old place, which no longer exists."""
+    from poincare_resnet.experiments import compare
+
+    opts = {**OPTIONS, "seeds": "0"}
+    first = run_experiment("compare", tmp_path / "old", tiny=True, log=lambda _m: None, **opts)
+    (tmp_path / "old").rename(tmp_path / "new")
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(compare, "attack_rows", lambda *a, **k: pytest.fail("attacked again"))
+    again: list[str] = []
+    rows = run_experiment("compare", tmp_path / "new", tiny=True, log=again.append, **opts)
+    assert any("reusing its evaluation " + str(tmp_path / "new") in m for m in again)
+    assert rows[0]["fgsm_acc_0.8"] == first[0]["fgsm_acc_0.8"]
+
+
 def test_seeds_models_and_model_specs_are_checked(tmp_path):
     with pytest.raises(ValueError, match="seeds must be distinct"):
         run_experiment("compare", tmp_path, tiny=True, **{**OPTIONS, "seeds": "1,1"})

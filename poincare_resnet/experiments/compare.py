@@ -332,9 +332,9 @@ def _compare_model(
         test_top1=summary["test_top1"],
         mean_epoch_time_s=summary["mean_epoch_time_s"],
     )
-    ood, att, zero = _evaluate_or_reuse(
-        Path(summary["run_dir"]), ev, log, f"{name} seed {recipe.seed}"
-    )
+    # the directory trained or reused here, not the summary's ``run_dir``: that is where the
+    # run was written, which a moved or restored run (benchmarks/fmnist_table.sh) no longer is
+    ood, att, zero = _evaluate_or_reuse(Path(cfg.out or ""), ev, log, f"{name} seed {recipe.seed}")
     row.update(zero)
     _add_columns(row, ood, att)
     log(
