@@ -286,9 +286,14 @@ def test_layer_native_on_and_off(dtype, native_switch):
         runs.append(_layer_run(bn, u, torch.randn(u.shape, generator=_gen(41), dtype=dtype)))
         results[native] = runs, stats
     (runs_ref, stats_ref), (runs_nat, stats_nat) = results[False], results[True]
+    # the weight's gradient is one sum over B·P terms that can cancel (at step 2 to 0.054 from
+    # ~5): its rounding is relative to the size it has at the other steps, not to that value
+    # (both paths ~2.5e-4 from float64 there, in opposite directions on AVX-512)
+    weight_scale = max(float(run[2].abs().max()) for run in runs_ref)
     for step, (a, b) in enumerate(zip(runs_nat, runs_ref, strict=True)):
         for name, x, y in zip(["out", "grad u", "grad weight", "grad bias"], a, b, strict=True):
-            assert _rel_error(x, y) <= tol, f"step {step} {name}"
+            floor = weight_scale if name == "grad weight" else 1e-30
+            assert _rel_error(x, y, floor) <= tol, f"step {step} {name}"
     assert _rel_error(stats_nat[0], stats_ref[0]) <= tol, "running_mean"
     assert _rel_error(stats_nat[1], stats_ref[1]) <= tol, "running_var"
     assert stats_nat[2] == stats_ref[2] == 3

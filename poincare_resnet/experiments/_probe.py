@@ -85,7 +85,7 @@ def _resnet_step(spec: dict[str, Any], device: torch.device) -> dict[str, Any]:
             # bytes held by the graph: each storage once (views and re-saves are free)
             st = t.untyped_storage()
             saved[(st.data_ptr(), st.nbytes())] = st.nbytes()
-            return t
+            return t.detach()  # not t: no reference cycle (torch's saved-tensor-hook docs)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = F.cross_entropy(model(x), y)

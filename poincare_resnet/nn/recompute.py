@@ -111,7 +111,12 @@ class _Recompute:
             self.packed += 1
             self.left = self.packed
             return _Slot(t)
-        return t
+        # detached, as torch's docs advise: the tensor itself, when it is the saving node's
+        # output, would close a cycle (node → saved variable → tensor → node) that the garbage
+        # collector cannot see; a node the backward never runs (a parameter-only branch under
+        # ``autograd.grad(loss, x)``: the attacks) then keeps it, these hooks and through them
+        # the whole graph alive. Lossless: autograd puts the grad_fn back on unpack.
+        return t.detach()
 
     def unpack(self, saved: Tensor | _Slot) -> Tensor:
         if isinstance(saved, Tensor):
