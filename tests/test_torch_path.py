@@ -111,8 +111,11 @@ def test_batchnorm_float32_near_boundary_no_less_accurate_than_native(train, sca
         if train:  # not yet: up to ~2.4x the kernels' error (σ², μ and the weight's gradient)
             assert a <= 2 * b + 2e-5, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
         else:  # ‖μ‖², ‖β‖², ⟨β, μ⟩ summed in float64 and rounded once, as in the kernels
-            # (a float32 sum of ‖μ‖² was up to 3x the kernels' error, 1.2e-5 over 1.05x)
-            assert a <= 1.05 * b + 3e-7, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
+            # (a float32 sum of ‖μ‖² was up to 3x the kernels' error, 1.2e-5 over 1.05x). Up to
+            # ~17 float32 ulp (2e-6) apart either way: the kernels' AVX-512 build sums in other
+            # orders than their AVX2 one (∂v here: 8.2e-6 vs 6.3e-6 on AVX-512; the PyTorch
+            # path the smaller in about half the cases); the closed form is ~1e-3 off
+            assert a <= 1.05 * b + 2e-6, f"result {i}: PyTorch path {a:.3g}, native {b:.3g}"
 
 
 def test_batchnorm_float32_boundary_beats_closed_form():
