@@ -49,8 +49,7 @@ case ${1:-} in
       [ -d "$run" ] || continue
       name=$(basename "$run")
       if [ -e "$RESULTS/runs/$name" ]; then echo "kept $RESULTS/runs/$name"; continue; fi
-      copy_run "$run" "$RESULTS/runs/$name"
-      if [ -d "$run/checkpoints" ]; then cp -rp "$run/checkpoints" "$RESULTS/runs/$name/"; fi
+      copy_run "$run" "$RESULTS/runs/$name"  # with its resume point, if unfinished
       echo "restored $name"
     done ;;
   save)
