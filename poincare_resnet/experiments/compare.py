@@ -334,7 +334,7 @@ def _compare_model(
     )
     # the directory trained or reused here, not the summary's ``run_dir``: that is where the
     # run was written, which a moved or restored run (benchmarks/fmnist_table.sh) no longer is
-    ood, att, zero = _evaluate_or_reuse(Path(cfg.out or ""), ev, log, f"{name} seed {recipe.seed}")
+    ood, att, zero = _evaluate_or_reuse(Path(cfg.out), ev, log, f"{name} seed {recipe.seed}")
     row.update(zero)
     _add_columns(row, ood, att)
     log(
