@@ -13,13 +13,14 @@
 # each run only what reuse needs (config, summary, metrics, best checkpoint, cached
 # evaluation); an unfinished run also keeps its last resume checkpoint, so a later `restore`
 # and `lane` resume it. SPEC is a model spec (name[:key=value...]); SEED an integer.
-# RESULTS (default results/fmnist) and SAVED (default docs/results/fmnist) move the two trees.
+# RESULTS (default results/fmnist) and SAVED (default docs/results/fmnist) move the two trees;
+# MODELS and SEEDS (comma lists) narrow what `tables` compares.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${RESULTS:-results/fmnist}
 SAVED=${SAVED:-docs/results/fmnist}
-MODELS=euclidean_resnet20,hybrid_resnet20,hybrid_resnet20:hybrid_head=fc,poincare_resnet20,poincare_resnet20_nf,poincare_resnet20:init=identity-compensated
-SEEDS=0,1,2
+MODELS=${MODELS:-euclidean_resnet20,hybrid_resnet20,hybrid_resnet20:hybrid_head=fc,poincare_resnet20,poincare_resnet20_nf,poincare_resnet20:init=identity-compensated}
+SEEDS=${SEEDS:-0,1,2}
 # the recipe and the evaluation of docs/claims.md
 compare() {
   python -m poincare_resnet experiment compare --dataset fashion-mnist --epochs 12 \
@@ -76,5 +77,5 @@ case ${1:-} in
     mkdir -p "$SAVED"
     cp -p "$RESULTS"/compare*.{csv,md,png,json} "$SAVED/" ;;
   *)
-    sed -n '2,16p' "$0"; exit 2 ;;
+    sed -n '2,17p' "$0"; exit 2 ;;
 esac
