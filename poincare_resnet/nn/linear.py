@@ -38,7 +38,8 @@ class _PoincareFCBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        c = float(self.curvature())  # the curvature at init (a learnable one's current value)
+        # the curvature at init (a learnable one's current value)
+        c = float(self.curvature().detach())
         init_poincare_weight(self.weight, self.init, self.scale, c=c)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
