@@ -255,6 +255,20 @@ def test_ood_rows_from_scores_takes_precomputed_scores():
         ood_rows_from_scores({"energy": s_in}, out, repeats=0)
 
 
+def test_ood_repeats_of_every_sample_collapse_to_one_full_draw():
+    """Drawing all of two equal-size sets is a permutation: one draw, std exactly 0."""
+    from poincare_resnet.evaluation import ood_rows_from_scores
+
+    rng = np.random.default_rng(3)
+    s_in, s_out = rng.normal(1.0, 1.0, 500), rng.normal(0.0, 1.0, 500)
+    once = ood_rows_from_scores({"energy": s_in}, {"o": {"energy": s_out}})
+    many = ood_rows_from_scores({"energy": s_in}, {"o": {"energy": s_out}}, repeats=5, seed=1)
+    assert many == once and many[0]["repeats"] == 1 and many[0]["auroc_std"] == 0.0
+    # a larger OOD set is still subsampled to the ID size in every repeat: a real spread
+    big = ood_rows_from_scores({"energy": s_in}, {"o": {"energy": rng.normal(0, 1, 900)}}, 5)
+    assert big[0]["repeats"] == 5 and big[0]["n_out"] == 500 and big[0]["auroc_std"] > 0
+
+
 def test_ood_command_rows_equal_evaluate_ood(trained_model):
     """The ``ood`` command scores cached outputs; its rows are those of :func:`evaluate_ood`."""
     from poincare_resnet.evaluation.commands import ood_scores_and_rows

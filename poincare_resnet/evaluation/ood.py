@@ -249,8 +249,10 @@ def ood_rows_from_scores(
     """OOD detection metrics (:func:`~poincare_resnet.evaluation.ood_metrics`) from
     precomputed scores, for every (OOD set, score) pair.
 
-    With ``repeats == 1`` and ``subsample is None`` the full sets are used (std 0). Otherwise
-    each repeat draws (without replacement, seeded by ``seed``) ``n`` ID and ``n`` OOD samples,
+    With ``repeats == 1`` and ``subsample is None``, or when ``n`` (below) is the size of both
+    sets, the full sets are used once (std 0, ``repeats`` 1: a draw of every sample is only a
+    permutation, so more repeats would report rounding noise as spread). Otherwise each repeat
+    draws (without replacement, seeded by ``seed``) ``n`` ID and ``n`` OOD samples,
     ``n = min(len(in), len(ood), subsample)``, shared by all scores; the metrics are averaged
     over repeats and their (population) standard deviation reported.
 
@@ -297,9 +299,9 @@ def _draws(
     n_in: int, n_out: int, repeats: int, subsample: int | None, rng: np.random.Generator
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (ID, OOD) index pairs of each repeat: everything, or ``repeats`` random subsets."""
-    if repeats == 1 and subsample is None:
-        return [(np.arange(n_in), np.arange(n_out))]
     n = min(n_in, n_out) if subsample is None else min(n_in, n_out, int(subsample))
+    if (repeats == 1 and subsample is None) or n == n_in == n_out:
+        return [(np.arange(n_in), np.arange(n_out))]
     return [
         (rng.choice(n_in, n, replace=False), rng.choice(n_out, n, replace=False))
         for _ in range(repeats)
