@@ -38,8 +38,8 @@ class _PoincareFCBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # the curvature at init (a learnable one's current value)
-        c = float(self.curvature().detach())
+        c = self.curvature()  # a float, or a learnable curvature's current value (detached)
+        c = float(c.detach()) if isinstance(c, Tensor) else float(c)
         init_poincare_weight(self.weight, self.init, self.scale, c=c)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
