@@ -107,6 +107,8 @@ def test_compare_worst_case_zero_gradients_and_evaluation_cache(tmp_path, monkey
     assert acc["worst"] <= min(acc["fgsm"], acc["square"])
     (row,) = json.loads((tmp_path / "compare_summary.json").read_text())["per_seed"]["models"]
     assert 0.0 <= row["zero_grad_inputs"] <= 1.0 and "worst_acc_25.5" in row
+    (worst,) = [r for r in att if r["attack"] == "worst"]
+    assert row["worst_lost_25.5"] == worst["clean_accuracy"] - worst["accuracy"]
 
     calls: list[int] = []
     real = compare.attack_rows

@@ -84,8 +84,9 @@ def run(
 ) -> list[dict[str, Any]]:
     """Train every model of ``models`` with one recipe, once per seed, and evaluate it; one
     wide table row per model (columns ``auroc_<score>_<set>``, ``fpr95_…``,
-    ``<attack>_acc_<ε·255>``), each number the mean over seeds with its sample standard
-    deviation ``<col>_seeds_std`` (:func:`~poincare_resnet.evaluation.tables.mean_over_seeds`).
+    ``<attack>_acc_<ε·255>``, ``worst_lost_<ε·255>``), each number the mean over seeds with its
+    sample standard deviation ``<col>_seeds_std``
+    (:func:`~poincare_resnet.evaluation.tables.mean_over_seeds`).
 
     Parameters
     ----------
@@ -378,12 +379,15 @@ def _digest(run_dir: Path) -> str:
 
 
 def _add_columns(row: dict[str, Any], ood: list[dict], att: list[dict]) -> None:
-    """The wide row's ``auroc_<score>_<set>``, ``fpr95_…`` and ``<attack>_acc_<ε·255>``."""
+    """The wide row's ``auroc_<score>_<set>``, ``fpr95_…``, ``<attack>_acc_<ε·255>`` and
+    ``worst_lost_<ε·255>`` (clean minus worst-case accuracy on the attacked images)."""
     for r in ood:
         row[f"auroc_{r['score']}_{r['ood_set']}"] = r["auroc"]
         row[f"fpr95_{r['score']}_{r['ood_set']}"] = r["fpr95"]
     for r in att:
         row[f"{r['attack']}_acc_{_eps_key(r['eps'])}"] = r["accuracy"]
+        if r["attack"] == "worst":
+            row[f"worst_lost_{_eps_key(r['eps'])}"] = r["clean_accuracy"] - r["accuracy"]
 
 
 def _write_tables(

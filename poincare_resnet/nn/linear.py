@@ -38,8 +38,8 @@ class _PoincareFCBase(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        c = self.curvature()  # a float, or a learnable curvature's current value (detached)
-        c = float(c.detach()) if isinstance(c, Tensor) else float(c)
+        with torch.no_grad():  # a learnable curvature's current value, without its graph
+            c = float(self.curvature())
         init_poincare_weight(self.weight, self.init, self.scale, c=c)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
